@@ -1,0 +1,56 @@
+"""The mesh, tokenizer and model a config describes, built and checked against each other."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from t2x.config import Config, ConfigError
+from t2x.data.tokenizer import Tokenizer, load_tokenizer
+from t2x.models import build_model
+from t2x.parallel import make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What every command needs: the device mesh, the tokenizer and the model."""
+
+    cfg: Config
+    mesh: Mesh
+    tokenizer: Tokenizer
+    model: nn.Module
+
+
+def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Components:
+    """Build the mesh, tokenizer and model of ``cfg`` and check that they fit together.
+
+    Args:
+      cfg: the run config.
+      tokenizer_spec: overrides ``cfg.data.tokenizer`` (a run directory's own copy).
+      devices: devices of the mesh (default: all).
+
+    Raises:
+      ConfigError: the mesh does not fit the devices, a batch does not divide over the
+        data-parallel devices, or the tokenizer's vocabulary does not fit the model.
+    """
+    mesh = make_mesh(cfg.mesh, devices)
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batch = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+    for key, size in (
+        ("train.global_batch_size / train.grad_accum_steps", micro_batch),
+        ("eval.global_batch_size", cfg.eval_batch_size),
+    ):
+        if size % batch_ways:
+            raise ConfigError(
+                f"{key} = {size} is not divisible by the {batch_ways} data-parallel devices "
+                f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']})"
+            )
+    tokenizer = load_tokenizer(tokenizer_spec or cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer"
+        )
+    return Components(cfg, mesh, tokenizer, build_model(cfg.model))

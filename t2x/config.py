@@ -1,0 +1,323 @@
+"""Typed run configuration: frozen dataclasses loaded from YAML with dotted overrides.
+
+OmegaConf does the parsing, merging and type checking; each dataclass validates its own
+values in ``__post_init__`` and ``Config`` checks the combinations. Every failure is a
+``ConfigError`` whose message names the key to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only Transformer."""
+
+    family: str = "decoder"
+    vocab_size: int = 50304
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: Optional[int] = None  # None: multi-head attention (= num_heads)
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    d_ff: int = 3072
+    max_seq_len: int = 1024
+    position: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | dots_no_batch
+
+    def __post_init__(self):
+        _one_of("model.family", self.family, ["decoder"])
+        _one_of("model.position", self.position, ["learned", "rope"])
+        _one_of("model.norm", self.norm, ["layernorm", "rmsnorm"])
+        _one_of("model.mlp", self.mlp, ["gelu", "swiglu"])
+        _one_of("model.dtype", self.dtype, ["float32", "bfloat16"])
+        _one_of("model.attention", self.attention, ["auto", "xla", "cudnn"])
+        _one_of("model.remat", self.remat, ["none", "full", "dots", "dots_no_batch"])
+        for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
+            _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            self.num_heads % self.kv_heads == 0,
+            f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.kv_heads})",
+        )
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.num_heads == 0,
+                f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads}), "
+                "or set model.head_dim",
+            )
+        if self.position == "rope":
+            _require(self.head_size % 2 == 0, f"rotary positions need an even head size, got {self.head_size}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized, and how it is cut into rows."""
+
+    source: str = "builtin"  # builtin | files | tfds
+    train_files: tuple[str, ...] = ()  # globs, for source=files
+    eval_files: tuple[str, ...] = ()
+    format: str = "auto"  # auto (by extension) | text | jsonl | tfrecord
+    text_unit: str = "line"  # text files: a document per line | per file
+    text_key: str = "text"  # field of a JSONL object, tf.train.Example or TFDS example
+    tfds_name: str = ""
+    tfds_data_dir: Optional[str] = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "builtin:4096"  # path to a SentencePiece .model, or builtin:VOCAB_SIZE
+    seq_len: int = 1024
+    num_shards: int = 8  # logical data shards; any process count dividing it reads the same batches
+    block_docs: int = 256  # documents tokenized and packed together; rows shuffle within a block
+    doc_shuffle_buffer: int = 1024  # documents; 0 disables document shuffling
+    shuffle: bool = True
+    invalid_utf8: str = "replace"  # replace | skip
+    prefetch: int = 2
+
+    def __post_init__(self):
+        _one_of("data.source", self.source, ["builtin", "files", "tfds"])
+        _one_of("data.format", self.format, ["auto", "text", "jsonl", "tfrecord"])
+        _one_of("data.text_unit", self.text_unit, ["line", "file"])
+        _one_of("data.invalid_utf8", self.invalid_utf8, ["replace", "skip"])
+        if self.source == "files":
+            _require(len(self.train_files) > 0, "data.train_files must name at least one file glob for data.source=files")
+        if self.source == "tfds":
+            _require(bool(self.tfds_name), "data.tfds_name must be set for data.source=tfds")
+        for key in ("seq_len", "num_shards", "block_docs", "prefetch"):
+            _require(getattr(self, key) > 0, f"data.{key} must be positive, got {getattr(self, key)}")
+        _require(self.doc_shuffle_buffer >= 0, "data.doc_shuffle_buffer must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; at most one may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = self.axis_sizes
+        _require(
+            all(s == -1 or s > 0 for s in sizes.values()),
+            f"mesh sizes must be positive or -1, got {sizes}",
+        )
+        _require(list(sizes.values()).count(-1) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, learning-rate schedule and gradient handling (all optax)."""
+
+    name: str = "adamw"  # adamw | adafactor
+    lr: float = 6e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only: norms and biases are spared
+    clip_norm: Optional[float] = 1.0  # global-norm clipping; null disables
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | rsqrt | constant
+    decay_steps: Optional[int] = None  # length of warmup + decay; None: train.steps
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and linear decay
+
+    def __post_init__(self):
+        _one_of("optim.name", self.name, ["adamw", "adafactor"])
+        _one_of("optim.decay", self.decay, ["cosine", "linear", "rsqrt", "constant"])
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
+        _require(self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm must be positive or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, batch, seeds, logging and numerics policy."""
+
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    global_batch_size: int = 64  # sequences per optimizer step, across all devices
+    grad_accum_steps: int = 1  # micro-batches per step (optax.MultiSteps)
+    seed: int = 0
+    z_loss: float = 0.0  # coefficient of log(Z)^2
+    on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
+    log_every: int = 10
+    progress_bar: bool = True
+    peak_flops_per_device: Optional[float] = None  # for MFU; None: look up the device kind
+
+    def __post_init__(self):
+        _one_of("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])
+        for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
+            _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
+        _require(self.z_loss >= 0, "train.z_loss must be >= 0")
+        _require(bool(self.run_dir), "train.run_dir must be set")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When Orbax saves and which checkpoints it keeps."""
+
+    every: int = 1000  # steps between saves; a save also happens at the last step
+    keep: int = 3  # most recent checkpoints kept
+    keep_every: Optional[int] = None  # also keep every step divisible by this
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every > 0, f"checkpoint.every must be positive, got {self.every}")
+        _require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
+        _require(self.keep_every is None or self.keep_every > 0, "checkpoint.keep_every must be positive or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: cadence during training and batch size."""
+
+    every: int = 0  # steps between evaluations during training; 0: only at the end
+    global_batch_size: Optional[int] = None  # None: train.global_batch_size
+    max_batches: Optional[int] = None  # None: the whole split (exact perplexity)
+
+    def __post_init__(self):
+        _require(self.every >= 0, "eval.every must be >= 0")
+        _require(self.global_batch_size is None or self.global_batch_size > 0, "eval.global_batch_size must be positive")
+        _require(self.max_batches is None or self.max_batches > 0, "eval.max_batches must be positive or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run: model, data, mesh, optimizer, loop, checkpoints and evaluation."""
+
+    name: str = "run"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        batch, shards = self.train.global_batch_size, self.data.num_shards
+        _require(
+            batch % shards == 0,
+            f"train.global_batch_size ({batch}) must be divisible by data.num_shards ({shards}): "
+            "every logical data shard supplies the same number of rows to each batch",
+        )
+        eval_batch = self.eval_batch_size
+        _require(
+            eval_batch % shards == 0,
+            f"eval.global_batch_size ({eval_batch}) must be divisible by data.num_shards ({shards})",
+        )
+        _require(
+            batch % self.train.grad_accum_steps == 0,
+            f"train.global_batch_size ({batch}) must be divisible by train.grad_accum_steps "
+            f"({self.train.grad_accum_steps})",
+        )
+        if self.model.position == "learned":
+            _require(
+                self.data.seq_len <= self.model.max_seq_len,
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) "
+                "for learned positions",
+            )
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.eval.global_batch_size or self.train.global_batch_size
+
+    @property
+    def decay_steps(self) -> int:
+        return self.optim.decay_steps or self.train.steps
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a Config from a YAML file (or the defaults) and apply dotted ``key=value`` overrides.
+
+    Args:
+      path: YAML file whose keys mirror the Config tree; None starts from the defaults.
+      overrides: strings such as ``"model.num_layers=4"`` or ``"data.train_files=[a.txt]"``.
+
+    Returns:
+      The validated, frozen Config.
+
+    Raises:
+      ConfigError: a missing file, an unknown key, a wrong type or an impossible value,
+        with a message naming the key.
+    """
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # YAML syntax errors come in several types
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe_omegaconf_error(e, path)) from None
+
+
+def _describe_omegaconf_error(e: OmegaConfBaseException, path) -> str:
+    key = getattr(e, "full_key", None)
+    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" (in {path} or the overrides)" if path else ""
+    if key:
+        return f"config key {key!r}: {first_line}{where}"
+    return f"{first_line}{where}"
+
+
+def to_yaml(config: Config) -> str:
+    """The fully resolved config as YAML, loadable again with ``load_config``."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain nested dicts and lists (for JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,61 @@
+"""Pack tokenized documents into fixed-length rows with segment ids and positions.
+
+Documents (each followed by EOS) are laid end to end and cut every ``seq_len`` tokens, so
+rows carry no padding except the last one of a block. A document cut at a row boundary
+continues in the next row as a new segment. Segment ids number the pieces in a row
+from 1 (0 is padding); positions count from 0 in each piece; attention masks built from
+segment ids keep every piece to itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pack_documents(
+    documents: list[list[int]], num_bytes: list[int], seq_len: int, eos_id: int
+) -> dict[str, np.ndarray]:
+    """Concatenate-and-split packing.
+
+    Args:
+      documents: token ids of each document, without EOS.
+      num_bytes: UTF-8 byte count of each document's text.
+      seq_len: tokens per row.
+      eos_id: appended to every document.
+
+    Returns:
+      ``tokens``, ``segment_ids``, ``positions``: int32 [rows, seq_len], and
+      ``num_bytes``: int32 [rows], the bytes of the documents whose EOS is in that row,
+      so that summing over rows counts every document once.
+    """
+    if not documents:
+        empty = np.zeros((0, seq_len), np.int32)
+        return {"tokens": empty, "segment_ids": empty, "positions": empty, "num_bytes": np.zeros((0,), np.int32)}
+    lengths = np.array([len(d) + 1 for d in documents], np.int64)
+    total = int(lengths.sum())
+    num_rows = -(-total // seq_len)
+    flat = np.zeros(num_rows * seq_len, np.int32)
+    flat[:total] = np.concatenate([np.append(np.asarray(d, np.int32), eos_id) for d in documents])
+    doc_of = np.full(num_rows * seq_len, -1, np.int64)
+    doc_of[:total] = np.repeat(np.arange(len(documents)), lengths)
+
+    tokens = flat.reshape(num_rows, seq_len)
+    doc_of = doc_of.reshape(num_rows, seq_len)
+    columns = np.arange(seq_len)
+    # A piece starts at column 0 or where the document changes.
+    starts = np.ones_like(doc_of, dtype=bool)
+    starts[:, 1:] = doc_of[:, 1:] != doc_of[:, :-1]
+    padding = doc_of < 0
+    segment_ids = np.where(padding, 0, np.cumsum(starts, axis=1)).astype(np.int32)
+    start_column = np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
+    positions = np.where(padding, 0, columns - start_column).astype(np.int32)
+
+    last_token = np.cumsum(lengths) - 1
+    row_bytes = np.zeros(num_rows, np.int64)
+    np.add.at(row_bytes, last_token // seq_len, np.asarray(num_bytes, np.int64))
+    return {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "num_bytes": row_bytes.astype(np.int32),
+    }

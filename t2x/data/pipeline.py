@@ -1,0 +1,246 @@
+"""The tf.data input pipeline: logical shards of packed rows, assembled into batches.
+
+Layout. The data is cut into ``num_shards`` logical shards. Each step, shard ``k``
+supplies rows ``[k * R, (k + 1) * R)`` of the global batch, ``R = global_batch_size /
+num_shards``. A process builds only the shards whose rows land on its devices, so the
+global batch at a step depends on the data, the seed and the step alone, never on how
+many processes read it.
+
+One shard, per epoch: read records (file order shuffled per epoch) -> seeded document
+shuffle buffer -> blocks of ``block_docs`` documents -> decode, tokenize and pack each
+block into rows -> seeded shuffle of the rows within the block -> rows.
+
+Position. A shard's position is (epoch, block, row): the next row to read. Resuming
+rebuilds the shard, skips whole blocks before tokenization (reading only) and the rows
+already read in the current block, so a resumed run reads exactly the rows the
+uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from t2x.config import DataConfig
+from t2x.data.packing import pack_documents
+from t2x.data.sources import DataError, DataStats, Source, decode_records
+from t2x.data.tokenizer import Tokenizer
+
+try:  # tf.data only: keep TensorFlow off accelerators that JAX owns.
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):
+    pass
+
+ROW_FEATURES = ("tokens", "segment_ids", "positions", "num_bytes")
+_META = "meta"  # per row: epoch, block, row within block, rows in block
+_ENDLESS = 1 << 62
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPosition:
+    """Where a logical shard resumes: the next row to read."""
+
+    epoch: int = 0
+    block: int = 0
+    row: int = 0
+
+
+def local_shards(global_batch_size: int, num_shards: int, row_start: int, row_end: int) -> range:
+    """Logical shards whose rows fall in ``[row_start, row_end)`` of the global batch."""
+    rows_per_shard = global_batch_size // num_shards
+    if row_start % rows_per_shard or row_end % rows_per_shard:
+        raise DataError(
+            f"this process holds batch rows [{row_start}, {row_end}), which do not align with data shards of "
+            f"{rows_per_shard} rows; choose data.num_shards so that the process count divides it"
+        )
+    return range(row_start // rows_per_shard, row_end // rows_per_shard)
+
+
+def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, fmt: str, shard: int, seed: int, shuffle: bool, stats):
+    def pack_block(records, epoch, block):
+        texts = decode_records(list(records), fmt, cfg.text_key, cfg.invalid_utf8, stats)
+        rows = pack_documents(
+            tokenizer.encode(texts), [len(t.encode("utf-8")) for t in texts], cfg.seq_len, tokenizer.eos_id
+        )
+        count = len(rows["num_bytes"])
+        if shuffle and count > 1:
+            order = np.random.default_rng([seed, shard, int(epoch), int(block)]).permutation(count)
+            rows = {k: v[order] for k, v in rows.items()}
+        meta = np.stack(
+            [np.full(count, epoch), np.full(count, block), np.arange(count), np.full(count, count)], axis=1
+        ).astype(np.int64)
+        return tuple(rows[k] for k in ROW_FEATURES) + (meta,)
+
+    return pack_block
+
+
+def shard_rows(
+    source: Source,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    shard: int,
+    seed: int,
+    start: ShardPosition,
+    train: bool,
+    stats: DataStats,
+) -> tf.data.Dataset:
+    """The packed rows of one logical shard, from ``start`` on.
+
+    Training streams repeat forever, reshuffled each epoch; evaluation streams make one
+    pass in file order.
+    """
+    shuffle = train and cfg.shuffle
+    read = source.shard_fn(shard, cfg.num_shards, seed, shuffle_files=shuffle)
+    packer = _block_packer(tokenizer, cfg, source.format, shard, seed, shuffle, stats)
+    seq_len = cfg.seq_len
+
+    def epoch_blocks(epoch):
+        records = read(epoch).filter(lambda r: tf.strings.length(r) > 0)
+        if shuffle and cfg.doc_shuffle_buffer:
+            doc_seed = tf.constant(seed * 1_000_003 + shard * 7919, tf.int64) + epoch * 104_729
+            records = records.shuffle(cfg.doc_shuffle_buffer, seed=doc_seed, reshuffle_each_iteration=False)
+        blocks = records.batch(cfg.block_docs).enumerate()
+        blocks = blocks.skip(tf.where(epoch == start.epoch, tf.constant(start.block, tf.int64), 0))
+        return blocks.map(lambda block, recs: (epoch, block, recs))
+
+    def pack(epoch, block, records):
+        outputs = tf.numpy_function(packer, [records, epoch, block], [tf.int32] * 4 + [tf.int64], stateful=False)
+        tokens, segment_ids, positions, num_bytes, meta = outputs
+        for x in (tokens, segment_ids, positions):
+            x.set_shape([None, seq_len])
+        num_bytes.set_shape([None])
+        meta.set_shape([None, 4])
+        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "num_bytes": num_bytes, _META: meta}
+
+    epochs = tf.data.Dataset.range(start.epoch, _ENDLESS) if train else tf.data.Dataset.range(1)
+    rows = epochs.flat_map(epoch_blocks)
+    rows = rows.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    return rows.skip(start.row) if start.row else rows
+
+
+def _concat_shards(*shards):
+    return {k: tf.concat([s[k] for s in shards], axis=0) for k in shards[0]}
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_warm_start = True
+    return options
+
+
+def check_shards_nonempty(source: Source, shards: Sequence[int], num_shards: int) -> None:
+    """Fail with a clear message if a training shard has no records at all."""
+    for shard in shards:
+        if not any(True for _ in source.shard_fn(shard, num_shards, 0, False)(0).take(1)):
+            if shard == 0 or num_shards == 1:
+                raise DataError(f"{source.description} has no documents: the corpus is empty")
+            raise DataError(
+                f"logical data shard {shard} of {num_shards} has no documents in {source.description}: "
+                "the corpus is too small for data.num_shards; lower it"
+            )
+
+
+class TrainBatches:
+    """Host-local training batches with a checkpointable position.
+
+    Args:
+      source: the training split.
+      tokenizer: tokenizer for the text.
+      cfg: data config.
+      global_batch_size: rows per global batch.
+      seed: run seed (shuffling).
+      row_range: ``[start, end)`` rows of the global batch this process holds.
+      positions: where each logical shard resumes (shard id -> position); absent: start.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        tokenizer: Tokenizer,
+        cfg: DataConfig,
+        global_batch_size: int,
+        seed: int,
+        row_range: tuple[int, int],
+        positions: dict[int, ShardPosition] | None = None,
+    ):
+        self.shards = local_shards(global_batch_size, cfg.num_shards, *row_range)
+        self.rows_per_shard = global_batch_size // cfg.num_shards
+        self.stats = DataStats()
+        check_shards_nonempty(source, self.shards, cfg.num_shards)
+        positions = positions or {}
+        self.positions = {k: positions.get(k, ShardPosition()) for k in self.shards}
+        streams = [
+            shard_rows(source, tokenizer, cfg, k, seed, self.positions[k], True, self.stats).batch(
+                self.rows_per_shard, drop_remainder=True
+            )
+            for k in self.shards
+        ]
+        dataset = tf.data.Dataset.zip(tuple(streams)).map(_concat_shards).prefetch(cfg.prefetch)
+        self._iterator = dataset.with_options(_options()).as_numpy_iterator()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        meta = batch.pop(_META)
+        for j, shard in enumerate(self.shards):
+            epoch, block, row, rows_in_block = (int(x) for x in meta[(j + 1) * self.rows_per_shard - 1])
+            self.positions[shard] = (
+                ShardPosition(epoch, block + 1, 0) if row + 1 == rows_in_block else ShardPosition(epoch, block, row + 1)
+            )
+        return batch
+
+
+def eval_dataset(
+    source: Source,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    global_batch_size: int,
+    row_range: tuple[int, int],
+    stats: DataStats,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """Host-local evaluation batches over the whole split, one pass, then padding forever.
+
+    Every document of the split is in exactly one row of one batch. Shards end at
+    different steps, so each is followed by all-padding rows (``segment_ids`` 0);
+    the caller stops when every process sees only padding.
+    """
+    shards = local_shards(global_batch_size, cfg.num_shards, *row_range)
+    rows_per_shard = global_batch_size // cfg.num_shards
+    zeros = tf.zeros([cfg.seq_len], tf.int32)
+    padding = tf.data.Dataset.from_tensors(
+        {"tokens": zeros, "segment_ids": zeros, "positions": zeros, "num_bytes": tf.constant(0, tf.int32),
+         _META: tf.constant([-1, -1, -1, -1], tf.int64)}
+    ).repeat()
+    streams = []
+    for k in shards:
+        rows = shard_rows(source, tokenizer, cfg, k, 0, ShardPosition(), False, stats)
+        if cache:
+            rows = rows.cache()
+        streams.append(rows.concatenate(padding).batch(rows_per_shard))
+    dataset = tf.data.Dataset.zip(tuple(streams)).map(_concat_shards)
+    return dataset.map(_drop_meta).prefetch(cfg.prefetch).with_options(_options())
+
+
+def _drop_meta(batch):
+    return {k: v for k, v in batch.items() if k != _META}
+
+
+def positions_to_state(positions: dict[int, ShardPosition], num_shards: int) -> np.ndarray:
+    """Positions as an int64 array [num_shards, 3]; shards not held here are -1."""
+    state = np.full((num_shards, 3), -1, np.int64)
+    for shard, p in positions.items():
+        state[shard] = (p.epoch, p.block, p.row)
+    return state
+
+
+def state_to_positions(state) -> dict[int, ShardPosition]:
+    """Inverse of ``positions_to_state`` for the shards whose position is known."""
+    return {k: ShardPosition(*(int(x) for x in row)) for k, row in enumerate(state) if min(row) >= 0}

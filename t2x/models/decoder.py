@@ -1,0 +1,73 @@
+"""GPT-style decoder-only language model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t2x.config import ModelConfig
+from t2x.models.attention import attention_mask
+from t2x.models.layers import compute_dtype, constrain, dense, norm
+from t2x.models.transformer import BlockStack
+
+
+class DecoderLM(nn.Module):
+    """Token embedding, optional learned positions, pre-norm blocks, final norm, LM head."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          tokens: [batch, seq] input token ids.
+          positions: [batch, seq] position of each token within its document (default 0..seq-1).
+          segment_ids: [batch, seq] packed-document ids, 0 for padding (default: one document).
+          deterministic: disables dropout.
+
+        Returns:
+          float32 logits [batch, seq, vocab_size].
+        """
+        cfg = self.cfg
+        seq_len = tokens.shape[1]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            dtype=compute_dtype(cfg),
+            param_dtype=jnp.float32,
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.position == "learned":
+            x = x + nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(cfg.init_std), ("position", "embed")
+                ),
+                dtype=compute_dtype(cfg),
+                param_dtype=jnp.float32,
+                name="pos_embed",
+            )(positions)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+        x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
+        mask = attention_mask(segment_ids, seq_len, causal=True)
+        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
+        x = norm(cfg, "final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(x)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab]
+        return logits.astype(jnp.float32)

@@ -1,0 +1,123 @@
+"""Building blocks shared by every model family: dense, norm, MLP, rotary positions.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``), which
+``t2x.parallel.sharding.LOGICAL_RULES`` maps onto the device mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t2x.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """Dtype of activations and matmuls; parameters are always float32."""
+    return DTYPES[cfg.dtype]
+
+
+def residual_init_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical axis names."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+def dense(
+    cfg: ModelConfig,
+    features: int | Sequence[int],
+    kernel_axes: Sequence[str],
+    *,
+    axis: int | Sequence[int] = -1,
+    std: float | None = None,
+    use_bias: bool | None = None,
+    name: str | None = None,
+) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+    Args:
+      cfg: model config (dtype, bias default, init scale).
+      features: output feature shape.
+      kernel_axes: logical names of the kernel dimensions, inputs first.
+      axis: input axes contracted.
+      std: normal init standard deviation (default ``cfg.init_std``).
+      use_bias: overrides ``cfg.use_bias``.
+      name: module name.
+    """
+    num_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=cfg.use_bias if use_bias is None else use_bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std if std is None else std), tuple(kernel_axes)
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(kernel_axes[-num_out:])),
+        name=name,
+    )
+
+
+def norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """LayerNorm or RMSNorm by config; statistics are computed in float32."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), param_dtype=jnp.float32, scale_init=scale_init, name=name
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        use_bias=cfg.use_bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2, tanh approximation) or SwiGLU."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        if cfg.mlp == "swiglu":
+            gate = dense(cfg, cfg.d_ff, ("embed", "mlp"), name="gate")(x)
+            up = dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
+            h = nn.silu(gate) * up
+        else:
+            h = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x), approximate=True)
+        h = constrain(h, ("batch", "length", "act_mlp"))  # [batch, seq, d_ff]
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), std=residual_init_std(cfg), name="down")(h)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half layout (as GPT-NeoX and Llama).
+
+    Args:
+      x: [batch, seq, heads, head_dim].
+      positions: [batch, seq] integer positions.
+      theta: base of the frequencies.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)

@@ -1,0 +1,64 @@
+"""Pre-norm Transformer blocks, stacked with ``nn.scan`` and wrapped in ``nn.remat``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from t2x.config import ModelConfig
+from t2x.models.attention import Attention
+from t2x.models.layers import MLP, constrain, norm
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); returns (x, None) when scanned."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+        cfg = self.cfg
+        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h = Attention(cfg, name="attn")(norm(cfg, "attn_norm")(x), positions, mask)
+        x = x + dropout(h)
+        h = MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
+        x = x + dropout(h)
+        x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
+        return (x, None) if self.scanned else x
+
+
+class BlockStack(nn.Module):
+    """``num_layers`` blocks: one scanned loop (parameters stacked on a leading ``layers``
+    axis, so compile time does not grow with depth) or an unrolled Python loop."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(cfg, self.deterministic, scanned=True, name="layers")(x, positions, mask)
+            return x
+        for i in range(cfg.num_layers):
+            x = block(cfg, self.deterministic, name=f"layers_{i}")(x, positions, mask)
+        return x

@@ -1,0 +1,134 @@
+"""Logical-axis rules: the one table that maps model axis names onto the mesh.
+
+Parameters and activations are annotated with logical names (``embed``, ``heads``,
+``batch`` ...). Changing the mesh sizes in config changes the parallelism (data, FSDP,
+tensor or mixed) with no change to model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+# logical axis -> mesh axes. Activations first, then parameters.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters (optimizer state follows its parameter)
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules=LOGICAL_RULES):
+    """Mesh and logical rules active while tracing model code, so constraints apply."""
+    with mesh, nn.logical_axis_rules(rules):
+        yield
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return size
+
+
+def _fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
+    """Drop sharding on dimensions the mesh axes do not divide (they stay replicated)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is not None and dim % _axis_size(mesh, axes):
+            log.warning("%s: dimension %d is not divisible by mesh axes %s; replicating it", where, dim, axes)
+            axes = None
+        fitted.append(axes)
+    return PartitionSpec(*fitted)
+
+
+def logical_to_shardings(logical_specs: Any, abstract: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a tree of logical PartitionSpecs.
+
+    Args:
+      logical_specs: tree of PartitionSpec over logical names (``nn.get_partition_spec``);
+        a ``None`` leaf or empty spec means replicated.
+      abstract: matching tree of arrays or ShapeDtypeStructs, used to check divisibility.
+      mesh: the device mesh.
+      rules: logical-to-mesh rule table.
+
+    Returns:
+      A tree of NamedSharding with the structure of ``abstract``.
+    """
+    paths_and_shapes = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    treedef = jax.tree.structure(abstract)
+    specs = treedef.flatten_up_to(logical_specs)
+    shardings = []
+    for (path, leaf), spec in zip(paths_and_shapes, specs):
+        mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec is not None else PartitionSpec()
+        where = jax.tree_util.keystr(path)
+        shardings.append(NamedSharding(mesh, _fit_spec(mesh_spec, tuple(leaf.shape), mesh, where)))
+    return jax.tree.unflatten(treedef, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of input batches: leading (batch) dimension over the data and fsdp axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array every device holds whole."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def process_row_range(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of the global batch that this process's devices hold.
+
+    Raises:
+      ValueError: the rows are not one contiguous range (a mesh whose data axes
+        interleave processes), which host-local batching cannot feed.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    spans = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in index_map.values()})
+    start, end = spans[0][0], spans[-1][1]
+    covered = 0
+    for lo, hi in spans:
+        if lo > start + covered:
+            break
+        covered = max(covered, hi - start)
+    if covered != end - start:
+        raise ValueError(
+            f"this process holds non-contiguous batch rows {spans}; order the mesh devices so each "
+            "process's devices are adjacent on the data axes"
+        )
+    return start, end
+
+
+def host_to_global(batch: dict[str, Any], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of a batch (``jax.make_array_from_process_local_data``)."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
+        for k, v in batch.items()
+    }

@@ -1,0 +1,1 @@
+"""Training: state and optimizer, the jitted steps, and the loop."""

@@ -1,0 +1,191 @@
+"""The training loop: validate, resume or initialize, step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from t2x.checkpoint import Checkpointer, check_data_state
+from t2x.components import build
+from t2x.config import Config, to_dict
+from t2x.data.pipeline import TrainBatches, check_shards_nonempty, positions_to_state, state_to_positions
+from t2x.data.sources import Source
+from t2x.evaluate import Evaluator
+from t2x.flops import peak_flops_per_device, training_flops_per_step
+from t2x.parallel import host_to_global, process_row_range, sharding_context
+from t2x.rundir import CHECKPOINTS, check_writable, write_run_files
+from t2x.train.metrics import MetricsWriter
+from t2x.train.state import count_params, init_state, make_optimizer, state_shardings
+from t2x.train.step import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN or infinite; nothing from that step was saved."""
+
+
+def _gather_positions(positions, num_shards: int) -> np.ndarray:
+    """Every shard's position, from the processes that read it ([num_shards, 3])."""
+    state = positions_to_state(positions, num_shards)
+    if jax.process_count() > 1:
+        state = np.max(multihost_utils.process_allgather(state), axis=0)
+    return state
+
+
+class _Window:
+    """Train metrics between two log points, and the wall time they took."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, Any]] = []
+        self.start = time.perf_counter()
+        self.timed_steps = 0
+
+    def restart_clock(self):
+        self.start = time.perf_counter()
+        self.timed_steps = 0
+
+
+def train(cfg: Config, devices=None) -> dict[str, Any]:
+    """Train ``cfg`` (resuming from its run directory's latest checkpoint) and evaluate.
+
+    Everything that can be checked (config, mesh, tokenizer, data, run directory) is
+    checked before any checkpoint is read or written.
+
+    Returns:
+      The final held-out evaluation: loss, perplexity, bits_per_byte, tokens, bytes, step.
+    """
+    s = build(cfg, devices=devices)
+    train_source = Source(cfg.data, "train")
+    check_shards_nonempty(train_source, range(cfg.data.num_shards), cfg.data.num_shards)
+    run_dir = check_writable(cfg)
+    primary = jax.process_index() == 0
+    tx, schedule = make_optimizer(cfg)
+    batch_size, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
+    with sharding_context(s.mesh):
+        abstract, shardings = state_shardings(s.model, tx, s.mesh, seq_len)
+        evaluator = Evaluator(cfg, s.tokenizer, s.model, s.mesh, shardings.params)
+        if primary:
+            write_run_files(run_dir, cfg, s.tokenizer.model_proto)
+        data_meta = {"num_shards": cfg.data.num_shards, "seq_len": seq_len, "source": train_source.description}
+        checkpointer = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint)
+        try:
+            latest = checkpointer.latest_step()
+            if latest is None:
+                state = init_state(s.model, tx, shardings, cfg.train.seed, seq_len)
+                positions = None
+                log.info("initialized %s parameters", f"{count_params(state.params):,}")
+            else:
+                state, data_state = checkpointer.restore(latest, abstract, shardings)
+                check_data_state(data_state, data_meta)
+                positions = state_to_positions(data_state["shards"])
+                log.info("resumed %s from step %d", run_dir, latest)
+            batches = TrainBatches(
+                train_source, s.tokenizer, cfg.data, batch_size, cfg.train.seed,
+                process_row_range(s.mesh, batch_size), positions,
+            )
+            train_step = jit_train_step(make_train_step(s.model, tx, schedule, cfg, s.tokenizer.bos_id), shardings, s.mesh)
+            writer = MetricsWriter(run_dir, enabled=primary)
+            try:
+                return _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, data_meta, primary)
+            finally:
+                writer.close()
+        finally:
+            checkpointer.close()
+
+
+def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, data_meta, primary):
+    steps, batch_size, seq_len = cfg.train.steps, cfg.train.global_batch_size, cfg.data.seq_len
+    flops_per_step = training_flops_per_step(cfg.model, batch_size, seq_len)
+    peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
+    first = int(jax.device_get(state.step))
+    window = _Window()
+    skipped = 0
+    bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,
+               disable=not (primary and cfg.train.progress_bar))
+
+    def flush() -> list[tuple[int, dict]]:
+        """Fetch pending metrics; stop on (or count) non-finite steps."""
+        nonlocal skipped
+        values = jax.device_get([m for _, m in window.pending])
+        fetched = list(zip([n for n, _ in window.pending], values))
+        window.pending.clear()
+        for n, m in fetched:
+            if not m["finite"]:
+                if cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient at step {n} (loss {float(m['loss'])}, grad norm "
+                        f"{float(m['grad_norm'])}); the last checkpoint is untouched. Lower optim.lr, set "
+                        "optim.clip_norm, or set train.on_nonfinite=skip"
+                    )
+                skipped += 1
+        return fetched
+
+    def save():
+        data_state = {**data_meta, "shards": _gather_positions(batches.positions, cfg.data.num_shards).tolist()}
+        if checkpointer.save(state, data_state, to_dict(cfg)):
+            log.info("saving checkpoint at step %d", int(jax.device_get(state.step)))
+
+    def evaluate(step: int) -> dict:
+        result = {**evaluator(state.params), "step": step}
+        writer.write("eval", step, {k: v for k, v in result.items() if k != "step"})
+        if primary:
+            log.info("eval at step %d: loss %.4f, perplexity %.3f, bits/byte %.4f",
+                     step, result["loss"], result["perplexity"], result["bits_per_byte"])
+        window.restart_clock()
+        return result
+
+    for step in range(first, steps):
+        batch = host_to_global(next(batches), s.mesh, batch_size)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        window.pending.append((done, metrics))
+        if step == first:  # the first step compiles: keep it out of the throughput figures
+            jax.block_until_ready(metrics)
+            writer.write("train", done, {"compile_seconds": time.perf_counter() - window.start})
+            window.restart_clock()
+        else:
+            window.timed_steps += 1
+        bar.update(1)
+        last = done == steps
+        if done % cfg.train.log_every == 0 or last:
+            fetched = flush()
+            elapsed = time.perf_counter() - window.start
+            logged = {
+                "loss": float(np.mean([m["loss"] for _, m in fetched])),
+                "z_loss": float(np.mean([m["z_loss"] for _, m in fetched])),
+                "grad_norm": float(fetched[-1][1]["grad_norm"]),
+                "learning_rate": float(fetched[-1][1]["learning_rate"]),
+                "skipped_steps": skipped,
+            }
+            if window.timed_steps and elapsed > 0:
+                logged["tokens_per_second"] = window.timed_steps * batch_size * seq_len / elapsed
+                logged["step_seconds"] = elapsed / window.timed_steps
+                if peak:
+                    logged["mfu"] = flops_per_step * window.timed_steps / elapsed / (jax.device_count() * peak)
+            writer.write("train", done, logged)
+            postfix = {"loss": f"{logged['loss']:.3f}"}
+            if "tokens_per_second" in logged:
+                postfix["tok/s"] = f"{logged['tokens_per_second']:,.0f}"
+            if "mfu" in logged:
+                postfix["mfu"] = f"{100 * logged['mfu']:.1f}%"
+            bar.set_postfix(postfix)
+            if bar.disable and primary:
+                log.info("step %d: %s", done, ", ".join(f"{k} {v}" for k, v in postfix.items()))
+            window.restart_clock()
+        if cfg.eval.every and done % cfg.eval.every == 0 and not last:
+            flush()
+            evaluate(done)
+        if done % cfg.checkpoint.every == 0 or last:
+            flush()
+            save()
+    bar.close()
+    if first >= steps:
+        log.info("%s is already trained to step %d", cfg.train.run_dir, first)
+    return evaluate(max(first, steps))

@@ -1,0 +1,40 @@
+"""Metrics sinks: ``metrics.jsonl`` and TensorBoard event files, written by process 0."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import tensorflow as tf
+
+
+class MetricsWriter:
+    """Appends ``{"split", "step", ...metrics}`` lines to ``metrics.jsonl`` and writes the
+    same scalars to ``tensorboard/<split>``. A disabled writer (other processes) does nothing."""
+
+    def __init__(self, run_dir: pathlib.Path, enabled: bool = True):
+        self.enabled = enabled
+        self._run_dir = run_dir
+        self._writers: dict[str, tf.summary.SummaryWriter] = {}
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+
+    def write(self, split: str, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "step": step, **metrics, "time": round(time.time(), 3)}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if split not in self._writers:
+            self._writers[split] = tf.summary.create_file_writer(str(self._run_dir / "tensorboard" / split))
+        with self._writers[split].as_default(step=step):
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    tf.summary.scalar(name, value)
+        self._writers[split].flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        for writer in self._writers.values():
+            writer.close()

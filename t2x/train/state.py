@@ -1,0 +1,140 @@
+"""Train state (params, optax state, step), the optimizer, and their shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+from t2x.config import Config, OptimConfig
+from t2x.parallel import logical_to_shardings, replicated
+
+DECAYED_PARAMS = ("kernel", "embedding")  # matrices; norms and biases are spared
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint restores: the step, parameters and optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine, linear, inverse-square-root or constant."""
+    lr, warmup = optim.lr, optim.warmup_steps
+    decay_steps = max(total_steps - warmup, 1)
+    floor = lr * optim.min_lr_ratio
+    if optim.decay == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim.min_lr_ratio)
+    elif optim.decay == "linear":
+        decay = optax.linear_schedule(lr, floor, decay_steps)
+    elif optim.decay == "rsqrt":
+        offset = max(warmup, 1)
+
+        def decay(step):  # continuous with the warmup: lr * sqrt(warmup / step)
+            return lr * jnp.sqrt(offset / (step + offset))
+
+    else:
+        decay = optax.constant_schedule(lr)
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the parameters weight decay applies to: kernels and embeddings."""
+
+    def is_matrix(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(names) and names[-1] in DECAYED_PARAMS
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax transformation for a run and its learning-rate schedule.
+
+    clip by global norm -> AdamW or Adafactor (masked weight decay), optionally skipping
+    non-finite updates (``apply_if_finite``) and accumulating micro-batches (``MultiSteps``).
+    """
+    optim = cfg.optim
+    schedule = make_schedule(optim, cfg.decay_steps)
+    if optim.name == "adamw":
+        base = optax.adamw(
+            schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask
+        )
+    else:
+        base = optax.adafactor(
+            schedule,
+            decay_rate=optim.b2,
+            eps=optim.eps,
+            weight_decay_rate=optim.weight_decay or None,
+            weight_decay_mask=decay_mask,
+        )
+    parts = ([optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []) + [base]
+    tx = optax.chain(*parts)
+    if cfg.train.on_nonfinite == "skip":
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    if cfg.train.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.train.grad_accum_steps)
+    return tx, schedule
+
+
+def abstract_params(model: nn.Module, seq_len: int) -> tuple[Any, Any]:
+    """Shapes of the parameters (no memory used) and their logical PartitionSpecs."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int):
+    """Abstract TrainState and the NamedSharding of every leaf.
+
+    Optimizer statistics shaped like a parameter are sharded like it; the rest
+    (counters, Adafactor's factored vectors) are replicated.
+    """
+    params, logical = abstract_params(model, seq_len)
+    opt_state = jax.eval_shape(tx.init, params)
+    param_shardings = logical_to_shardings(logical, params, mesh)
+
+    def like_param(leaf, spec):
+        return spec if len(spec) == leaf.ndim else PartitionSpec()
+
+    opt_logical = optax.tree_map_params(
+        tx,
+        like_param,
+        opt_state,
+        logical,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+    shardings = TrainState(
+        step=replicated(mesh),
+        params=param_shardings,
+        opt_state=logical_to_shardings(opt_logical, opt_state, mesh),
+    )
+    return abstract, shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState, seed: int, seq_len: int):
+    """A freshly initialized TrainState, created directly in its shards (never whole on one device)."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+
+    def init(rng):
+        params = nn.unbox(model.init(rng, tokens)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,127 @@
+"""The train step and the eval step, jitted with explicit shardings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from t2x.config import Config
+from t2x.objectives import causal_lm, token_losses
+from t2x.parallel import batch_sharding, replicated
+from t2x.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: Config, bos_id: int
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)`` for one global batch.
+
+    The loss is the token-weighted mean NLL over the whole global batch (plus z-loss).
+    With ``grad_accum_steps = k`` the batch is cut into k micro-batches that a
+    ``lax.scan`` feeds to ``optax.MultiSteps``; each micro-batch loss is scaled so that
+    the k-gradient average equals the gradient of the whole-batch loss.
+    """
+    k = cfg.train.grad_accum_steps
+    z_coef = cfg.train.z_loss
+    use_dropout = cfg.model.dropout > 0
+
+    def grads_of(params, example, total_weight, rng):
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params},
+                example["inputs"],
+                example["positions"],
+                example["segment_ids"],
+                deterministic=not use_dropout,
+                rngs={"dropout": rng},
+            )
+            nll, log_z = token_losses(logits, example["targets"])
+            weights = example["weights"]
+            nll_sum = jnp.sum(nll * weights)
+            z_sum = jnp.sum(jnp.square(log_z) * weights)
+            return (nll_sum + z_coef * z_sum) * (k / total_weight), (nll_sum, z_sum)
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, sums
+
+    def step(state: TrainState, batch: Batch):
+        example = causal_lm(batch, bos_id)
+        total_weight = jnp.maximum(jnp.sum(example["weights"]), 1.0)
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        if k == 1:
+            grads, (nll_sum, z_sum) = grads_of(state.params, example, total_weight, rng)
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        else:
+            # [batch, ...] -> [k, batch / k, ...]; micro-batch i takes every k-th row, so
+            # each device's rows stay on that device.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), example)
+
+            def micro_step(carry, inputs):
+                params, opt_state = carry
+                example_i, i = inputs
+                grads, sums = grads_of(params, example_i, total_weight, jax.random.fold_in(rng, i))
+                # Norm of the running mean MultiSteps accumulates; after the last
+                # micro-batch it is the norm of the whole-batch gradient.
+                seen = opt_state.mini_step.astype(jnp.float32)
+                mean = jax.tree.map(lambda a, g: a * (seen / (seen + 1)) + g / (seen + 1), opt_state.acc_grads, grads)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), (*sums, optax.global_norm(mean))
+
+            (params, opt_state), (nll_sums, z_sums, norms) = jax.lax.scan(
+                micro_step, (state.params, state.opt_state), (micro, jnp.arange(k))
+            )
+            nll_sum, z_sum, grad_norm = nll_sums.sum(), z_sums.sum(), norms[-1]
+        loss = nll_sum / total_weight
+        metrics = {
+            "loss": loss,
+            "z_loss": z_sum / total_weight,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "tokens": total_weight,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: nn.Module, bos_id: int) -> Callable[[dict, Batch], dict]:
+    """``step(params, batch) -> sums`` of NLL, target tokens and UTF-8 bytes in the batch."""
+
+    def step(params, batch: Batch):
+        example = causal_lm(batch, bos_id)
+        logits = model.apply(
+            {"params": params}, example["inputs"], example["positions"], example["segment_ids"], deterministic=True
+        )
+        nll, _ = token_losses(logits, example["targets"])
+        return {
+            "nll_sum": jnp.sum(nll * example["weights"]),
+            "tokens": jnp.sum(example["weights"]),
+            "bytes": jnp.sum(batch["num_bytes"]),
+        }
+
+    return step
+
+
+def jit_train_step(step, state_shardings: TrainState, mesh: Mesh):
+    """The train step jitted with explicit shardings; the old state is donated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(step, param_shardings, mesh: Mesh):
+    """The eval step jitted with explicit shardings."""
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

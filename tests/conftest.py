@@ -1,0 +1,54 @@
+"""Test set-up: 8 virtual CPU devices and a persistent compilation cache, before JAX loads."""
+
+import os
+import pathlib
+import tempfile
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE = pathlib.Path(os.environ.get("T2X_TEST_CACHE") or pathlib.Path(tempfile.gettempdir()) / "t2x-test-cache")
+os.environ.setdefault("T2X_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from t2x.config import Config, load_config  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# The quickstart config shrunk further: a model that compiles and steps in well under a second.
+TINY = [
+    "model.vocab_size=512",
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.d_ff=64",
+    "model.max_seq_len=32",
+    "data.tokenizer=builtin:512",
+    "data.seq_len=32",
+    "data.block_docs=16",
+    "train.global_batch_size=8",
+    "train.steps=4",
+    "train.log_every=1",
+    "train.progress_bar=false",
+    "optim.warmup_steps=1",
+    "checkpoint.every=2",
+    "eval.every=0",
+    "eval.max_batches=2",
+]
+
+
+def tiny_config(run_dir, *overrides: str) -> Config:
+    """The tiny test config writing into ``run_dir``, with extra overrides."""
+    return load_config(REPO / "configs" / "tiny.yaml", [*TINY, f"train.run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX loads"

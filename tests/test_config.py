@@ -1,0 +1,94 @@
+"""Config loading, overrides and the errors bad configs get."""
+
+import pytest
+
+from conftest import REPO
+from t2x.config import Config, ConfigError, MeshConfig, load_config, to_yaml
+from t2x.models import build_model
+from t2x.parallel import resolve_axis_sizes
+from t2x.train.state import abstract_params, count_params
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_directory_has_the_required_shapes():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny", "gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize(
+    "name, layers, d_model, heads, d_ff, exact_params",
+    # Parameter counts of the published GPT-2 checkpoints (vocabulary 50257).
+    [("gpt2_small", 12, 768, 12, 3072, 124_439_808), ("gpt2_medium", 24, 1024, 16, 4096, 354_823_168),
+     ("gpt2_large", 36, 1280, 20, 5120, 774_030_080), ("gpt2_xl", 48, 1600, 25, 6400, 1_557_611_200)],
+)
+def test_gpt2_configs_build_the_published_models(name, layers, d_model, heads, d_ff, exact_params):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", ["model.vocab_size=50257"])
+    m = cfg.model
+    assert (m.num_layers, m.d_model, m.num_heads, m.d_ff, m.max_seq_len) == (layers, d_model, heads, d_ff, 1024)
+    params, _ = abstract_params(build_model(m), seq_len=8)
+    assert count_params(params) == exact_params
+
+
+def test_overrides_apply_and_are_typed():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.num_layers=3", "optim.lr=1e-3", "data.train_files=[a,b]"])
+    assert cfg.model.num_layers == 3 and cfg.optim.lr == 1e-3
+    assert cfg.data.train_files == ("a", "b")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.steps=7"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["model.num_layer=3"], "model.num_layer"),
+        (["optimizer.lr=1"], "optimizer"),
+        (["model.num_layers=three"], "model.num_layers"),
+        (["model.position=alibi"], "model.position"),
+        (["train.global_batch_size=12", "data.num_shards=8"], "data.num_shards"),
+        (["train.global_batch_size=16", "train.grad_accum_steps=3"], "train.grad_accum_steps"),
+        (["data.seq_len=256", "model.max_seq_len=128"], "model.max_seq_len"),
+        (["model.num_heads=4", "model.num_kv_heads=3"], "model.num_kv_heads"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
+        (["model.dropout=1.5"], "model.dropout"),
+        (["no_equals_sign"], "key=value"),
+    ],
+)
+def test_bad_config_fails_at_load_naming_the_key(overrides, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_layers: 2\n  hidden: 3\n")
+    with pytest.raises(ConfigError, match=r"model\.hidden"):
+        load_config(path)
+
+
+def test_mesh_sizes_resolve_and_must_fit_the_devices():
+    assert resolve_axis_sizes(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert resolve_axis_sizes(MeshConfig(data=1, fsdp=8, tensor=1), 8)["fsdp"] == 8
+    with pytest.raises(ConfigError, match="8 are available"):
+        resolve_axis_sizes(MeshConfig(data=3, fsdp=1, tensor=1), 8)
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve_axis_sizes(MeshConfig(data=-1, fsdp=3, tensor=1), 8)

@@ -1,0 +1,208 @@
+"""The input pipeline: sources, determinism, process-count independence, exact resume, bad input."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from t2x.config import DataConfig
+from t2x.data import DataError, Source, load_tokenizer
+from t2x.data.pipeline import (
+    ShardPosition,
+    TrainBatches,
+    check_shards_nonempty,
+    eval_dataset,
+    positions_to_state,
+    state_to_positions,
+)
+from t2x.data.sources import DataStats, read_texts
+
+TOKENIZER = "builtin:512"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def docs(n, seed=0, max_words=40):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "return", "value", "the", "of", "list"]
+    return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(3, max_words))) for i in range(n)]
+
+
+def config(**kw):
+    base = dict(tokenizer=TOKENIZER, seq_len=16, num_shards=4, block_docs=8, doc_shuffle_buffer=16)
+    return DataConfig(**{**base, **kw})
+
+
+def take(batches, n):
+    return [next(batches) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_builtin_corpus_builds_with_a_fixed_held_out_split(tokenizer):
+    train, held_out = Source(config(), "train"), Source(config(), "eval")
+    train_texts = set(read_texts(train.files))
+    held_out_texts = list(read_texts(held_out.files))
+    assert len(train_texts) > 5000 and len(held_out_texts) > 100
+    assert train_texts.isdisjoint(held_out_texts)
+
+
+def test_batches_are_deterministic_and_seed_dependent(tokenizer):
+    cfg = config()
+    source = Source(cfg, "train")
+    a = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, row_range=(0, 8)), 4)
+    b = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, row_range=(0, 8)), 4)
+    c = take(TrainBatches(source, tokenizer, cfg, 8, seed=1, row_range=(0, 8)), 4)
+    assert_batches_equal(a, b)
+    assert not np.array_equal(a[0]["tokens"], c[0]["tokens"])
+    assert a[0]["tokens"].shape == (8, 16) and a[0]["num_bytes"].shape == (8,)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_global_batch_does_not_depend_on_the_process_count(tokenizer, processes):
+    cfg = config()
+    source = Source(cfg, "train")
+    whole = take(TrainBatches(source, tokenizer, cfg, 8, seed=3, row_range=(0, 8)), 5)
+    per_process = 8 // processes
+    parts = [
+        take(TrainBatches(source, tokenizer, cfg, 8, seed=3, row_range=(p * per_process, (p + 1) * per_process)), 5)
+        for p in range(processes)
+    ]
+    joined = [{k: np.concatenate([part[i][k] for part in parts]) for k in whole[i]} for i in range(5)]
+    assert_batches_equal(whole, joined)
+
+
+def test_resume_reads_exactly_what_the_uninterrupted_run_reads(tmp_path, tokenizer):
+    # A small corpus so that the run crosses blocks and epochs.
+    path = write_jsonl(tmp_path / "train.jsonl", docs(40, max_words=10))
+    cfg = config(source="files", train_files=(path,), num_shards=2, block_docs=4, doc_shuffle_buffer=8)
+    source = Source(cfg, "train")
+    straight = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4))
+    expected = take(straight, 40)
+    assert {p.epoch for p in straight.positions.values()} != {0}, "the run should reach a second epoch"
+    for stop in (1, 7, 23):
+        first = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4))
+        take(first, stop)
+        state = positions_to_state(first.positions, cfg.num_shards)
+        resumed = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4), positions=state_to_positions(state))
+        assert_batches_equal(take(resumed, 40 - stop), expected[stop:])
+
+
+def test_eval_covers_every_document_once(tmp_path, tokenizer):
+    texts = docs(37, seed=1)
+    path = write_jsonl(tmp_path / "eval.jsonl", texts)
+    for num_shards, batch in ((1, 2), (4, 8)):
+        cfg = config(source="files", train_files=(path,), eval_files=(path,), num_shards=num_shards)
+        stats = DataStats()
+        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, batch, (0, batch), stats)
+        tokens, total_bytes, steps = [], 0, 0
+        for b in dataset.as_numpy_iterator():
+            if not b["segment_ids"].any():
+                break
+            tokens.extend(b["tokens"][b["segment_ids"] > 0].tolist())
+            total_bytes += int(b["num_bytes"].sum())
+            steps += 1
+        expected_tokens = sum(len(t) + 1 for t in tokenizer.encode(texts))
+        assert len(tokens) == expected_tokens
+        assert tokens.count(tokenizer.eos_id) == len(texts)
+        assert total_bytes == sum(len(t.encode()) for t in texts)
+        assert stats.as_dict()["documents"] == len(texts)
+
+
+def test_text_tfrecord_and_gzip_sources_read_the_same_documents(tmp_path, tokenizer):
+    texts = docs(12, seed=2)
+    (tmp_path / "a.txt").write_text("\n".join(texts[:6]) + "\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("\n".join(texts[6:]) + "\n")
+    with tf.io.TFRecordWriter(str(tmp_path / "c.tfrecord")) as w:
+        for t in texts:
+            feature = {"text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode()]))}
+            w.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    assert list(read_texts([str(tmp_path / "a.txt")])) == texts[:6]
+    assert list(read_texts([str(tmp_path / "b.txt.gz")])) == texts[6:]
+    assert list(read_texts([str(tmp_path / "c.tfrecord")])) == texts
+    whole = DataConfig(source="files", train_files=(str(tmp_path / "a.txt"),), text_unit="file")
+    [record] = list(Source(whole, "train").shard_fn(0, 1, 0, False)(0).as_numpy_iterator())
+    assert record.decode() == "\n".join(texts[:6]) + "\n"
+
+
+def test_tfds_source_reads_the_text_feature(tokenizer):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        cfg = config(source="tfds", tfds_name="lm1b", train_split="train", num_shards=2)
+        batch = next(TrainBatches(Source(cfg, "train"), tokenizer, cfg, 4, seed=0, row_range=(0, 4)))
+    assert batch["tokens"].shape == (4, 16)
+    assert (batch["segment_ids"] > 0).sum() > 0
+
+
+def test_invalid_utf8_is_replaced_or_skipped_and_counted(tmp_path, tokenizer):
+    good = [t.encode() for t in docs(5)]
+    bad = b"caf\xe9 au lait \xff\xfe"
+    (tmp_path / "mixed.txt").write_bytes(b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
+    for policy, kept in (("replace", 6), ("skip", 5)):
+        cfg = config(source="files", train_files=(str(tmp_path / "mixed.txt"),), eval_files=(str(tmp_path / "mixed.txt"),),
+                     num_shards=1, invalid_utf8=policy)
+        stats = DataStats()
+        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, 2, (0, 2), stats)
+        eos = 0
+        for b in dataset.as_numpy_iterator():
+            if not b["segment_ids"].any():
+                break
+            eos += int((b["tokens"][b["segment_ids"] > 0] == tokenizer.eos_id).sum())
+        assert eos == kept
+        assert stats.as_dict()["invalid_utf8"] == 1
+
+
+def test_malformed_jsonl_lines_are_skipped_and_counted(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\nnot json\n{"other": 1}\n{"text": 5}\n\n{"text": "also fine"}\n')
+    stats = DataStats()
+    from t2x.data.sources import decode_records
+
+    texts = decode_records([line.encode() for line in path.read_text().split("\n")], "jsonl", "text", "replace", stats)
+    assert texts == ["fine", "also fine"]
+    assert stats.as_dict()["bad_records"] == 3
+
+
+def test_missing_files_and_empty_corpora_are_reported(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"data\.train_files: no file matches"):
+        Source(config(source="files", train_files=(str(tmp_path / "nothing-*.txt"),)), "train")
+    with pytest.raises(DataError, match=r"data\.eval_files is empty"):
+        Source(config(source="files", train_files=(str(tmp_path),)), "eval")
+    (tmp_path / "empty.txt").write_text("")
+    empty = config(source="files", train_files=(str(tmp_path / "empty.txt"),))
+    with pytest.raises(DataError, match="corpus is empty"):
+        check_shards_nonempty(Source(empty, "train"), range(4), 4)
+    few = write_jsonl(tmp_path / "few.jsonl", docs(2))
+    with pytest.raises(DataError, match="lower it"):
+        check_shards_nonempty(Source(config(source="files", train_files=(few,)), "train"), range(4), 4)
+
+
+def test_process_rows_must_align_with_shards(tokenizer):
+    cfg = config()
+    with pytest.raises(DataError, match="data.num_shards"):
+        TrainBatches(Source(cfg, "train"), tokenizer, cfg, 8, seed=0, row_range=(0, 3))
+
+
+def test_positions_round_trip():
+    positions = {0: ShardPosition(1, 2, 3), 2: ShardPosition(0, 5, 0)}
+    state = positions_to_state(positions, 4)
+    assert state.shape == (4, 3) and (state[1] == -1).all()
+    assert state_to_positions(state.tolist()) == positions

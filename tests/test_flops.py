@@ -1,0 +1,49 @@
+"""Model FLOPs follow MaxText's calculate_tflops_training_per_device convention."""
+
+import pytest
+
+from t2x.config import ModelConfig
+from t2x.flops import matmul_params, peak_flops_per_device, training_flops_per_step
+
+GPT2_SMALL = ModelConfig(vocab_size=50304, d_model=768, num_layers=12, num_heads=12, d_ff=3072)
+
+
+def maxtext_training_flops(batch, seq, emb, mlp, heads, kv_heads, head_dim, layers, vocab, gated):
+    """MaxText's formula, written out independently (per step, all devices)."""
+    ffn = 2 * batch * seq * mlp * emb * (3 if gated else 2)
+    qkv = 2 * batch * seq * emb * (heads + 2 * kv_heads) * head_dim
+    projection = 2 * batch * seq * emb * heads * head_dim
+    causal_attention = 4 * batch * seq * seq * heads * head_dim / 2
+    embedding = 2 * batch * seq * emb * vocab
+    learnable = ((ffn + qkv + projection) * layers + embedding) * 3
+    return learnable + causal_attention * layers * 3
+
+
+def test_gpt2_small_matmul_parameters():
+    # 12 layers x (4 d^2 attention + 8 d^2 MLP) + the 50304 x 768 unembedding.
+    assert matmul_params(GPT2_SMALL) == 12 * 12 * 768**2 + 50304 * 768 == 123_568_128
+
+
+@pytest.mark.parametrize("mlp, kv_heads", [("gelu", None), ("swiglu", 4)])
+def test_training_flops_match_maxtext(mlp, kv_heads):
+    cfg = ModelConfig(vocab_size=32000, d_model=1024, num_layers=8, num_heads=16, num_kv_heads=kv_heads,
+                      d_ff=2816, mlp=mlp)
+    expected = maxtext_training_flops(4, 2048, 1024, 2816, 16, kv_heads or 16, 64, 8, 32000, mlp == "swiglu")
+    assert training_flops_per_step(cfg, batch_size=4, seq_len=2048) == pytest.approx(expected, rel=1e-12)
+
+
+def test_dense_part_is_six_flops_per_parameter_per_token():
+    tokens = 8 * 1024
+    attention = 3 * 4 * 8 * 1024**2 * 12 * 64 * 12 / 2
+    total = training_flops_per_step(GPT2_SMALL, batch_size=8, seq_len=1024)
+    assert total - attention == pytest.approx(6 * matmul_params(GPT2_SMALL) * tokens)
+    assert training_flops_per_step(GPT2_SMALL, 8, 1024, causal=False) - total == pytest.approx(attention)
+
+
+def test_peak_flops_by_device_kind():
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_flops_per_device("TPU v5 lite") == 197e12
+    assert peak_flops_per_device("TPU v4") == 275e12
+    assert peak_flops_per_device("cpu") is None
+    assert peak_flops_per_device("cpu", override=1e12) == 1e12

@@ -1,0 +1,164 @@
+"""The model against the float64 NumPy reference, across every architecture option."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from t2x.config import ModelConfig
+from t2x.models import build_model
+from t2x.models.attention import attention_mask
+
+BASE = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_seq_len=16, init_std=0.1)
+
+
+def packed_inputs(rng, batch=3, seq=16, vocab=97):
+    """Random tokens in rows holding several documents and trailing padding."""
+    tokens = rng.integers(0, vocab, (batch, seq))
+    segment_ids = np.zeros((batch, seq), np.int32)
+    positions = np.zeros((batch, seq), np.int32)
+    for b in range(batch):
+        cuts = sorted(rng.choice(np.arange(1, seq - 2), size=2, replace=False)) + [seq - b]
+        start = 0
+        for seg, end in enumerate(cuts, start=1):
+            segment_ids[b, start:end] = seg
+            positions[b, start:end] = np.arange(end - start)
+            start = end
+    return tokens.astype(np.int32), positions, segment_ids
+
+
+def init_params(cfg, tokens, seed=0):
+    model = build_model(cfg)
+    params = nn.unbox(model.init(jax.random.key(seed), jnp.asarray(tokens))["params"])
+    # Non-trivial norm scales and biases, so the reference is checked on them too.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return model, jax.tree.unflatten(treedef, leaves)
+
+
+VARIANTS = {
+    "gpt2": {},
+    "rope_rmsnorm_swiglu_untied": dict(position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, use_bias=False),
+    "grouped_query": dict(num_kv_heads=2, position="rope"),
+    "multi_query_unscanned": dict(num_kv_heads=1, scan_layers=False),
+    "remat_full": dict(remat="full"),
+    "remat_dots": dict(remat="dots", num_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_float64_reference(name):
+    cfg = dataclasses.replace(BASE, **VARIANTS[name])
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(0))
+    model, params = init_params(cfg, tokens)
+    logits = model.apply({"params": params}, tokens, positions, segment_ids)
+    expected = reference.forward(params, cfg, tokens, positions, segment_ids)
+    assert logits.dtype == jnp.float32
+    real = segment_ids > 0
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], rtol=2e-4, atol=2e-4)
+
+
+def test_bfloat16_compute_stays_close_to_float64_reference():
+    cfg = dataclasses.replace(BASE, dtype="bfloat16")
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(1))
+    model, params = init_params(cfg, tokens)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params)), "parameters stay float32"
+    logits = np.asarray(model.apply({"params": params}, tokens, positions, segment_ids))
+    expected = reference.forward(params, cfg, tokens, positions, segment_ids)
+    real = segment_ids > 0
+    error = np.abs(logits[real] - expected[real]).max() / np.abs(expected[real]).max()
+    assert error < 0.03
+
+
+def test_packed_documents_do_not_see_each_other():
+    """Logits of a document are the same alone or packed after another one."""
+    cfg = dataclasses.replace(BASE, position="rope")
+    rng = np.random.default_rng(2)
+    doc_a, doc_b = rng.integers(0, 97, 6), rng.integers(0, 97, 9)
+    packed = np.concatenate([doc_a, doc_b, [0]])[None].astype(np.int32)
+    segment_ids = np.array([[1] * 6 + [2] * 9 + [0]], np.int32)
+    positions = np.array([list(range(6)) + list(range(9)) + [0]], np.int32)
+    model, params = init_params(cfg, packed)
+    together = model.apply({"params": params}, packed, positions, segment_ids)
+    alone = model.apply({"params": params}, doc_b[None].astype(np.int32))
+    np.testing.assert_allclose(together[0, 6:15], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_scan_and_unrolled_layers_compute_the_same_function():
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(3))
+    scanned_model, params = init_params(BASE, tokens)
+    unrolled_cfg = dataclasses.replace(BASE, scan_layers=False)
+    layers = params["blocks"]["layers"]
+    unrolled = dict(params, blocks={f"layers_{i}": jax.tree.map(lambda x: x[i], layers) for i in range(2)})
+    a = scanned_model.apply({"params": params}, tokens, positions, segment_ids)
+    b = build_model(unrolled_cfg).apply({"params": unrolled}, tokens, positions, segment_ids)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_leaves_gradients_unchanged(policy):
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(4))
+    model, params = init_params(BASE, tokens)
+    remat_model = build_model(dataclasses.replace(BASE, remat=policy))
+
+    def loss(m, p):
+        return jnp.mean(m.apply({"params": p}, tokens, positions, segment_ids) ** 2)
+
+    g = jax.grad(lambda p: loss(model, p))(params)
+    g_remat = jax.grad(lambda p: loss(remat_model, p))(params)
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg = dataclasses.replace(BASE, dropout=0.5)
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(5))
+    model, params = init_params(cfg, tokens)
+    apply = lambda det, seed: model.apply(  # noqa: E731
+        {"params": params}, tokens, positions, segment_ids, deterministic=det, rngs={"dropout": jax.random.key(seed)}
+    )
+    np.testing.assert_array_equal(apply(True, 0), apply(True, 1))
+    assert not np.allclose(apply(False, 0), apply(False, 1))
+
+
+def test_every_parameter_has_logical_axis_names():
+    model = build_model(dataclasses.replace(BASE, mlp="swiglu", tie_embeddings=False))
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32)), jax.random.key(0))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == len(leaf.value.shape)
+
+
+def test_attention_mask_is_causal_within_segments():
+    segment_ids = jnp.array([[1, 1, 2, 2, 0]])
+    mask = np.asarray(attention_mask(segment_ids, 5))[0, 0]
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_matches_reference(kv_heads):
+    rng = np.random.default_rng(6)
+    q = rng.normal(size=(2, 7, 4, 8))
+    k, v = rng.normal(size=(2, 7, kv_heads, 8)), rng.normal(size=(2, 7, kv_heads, 8))
+    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
+    out = jax.nn.dot_product_attention(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)), mask=attention_mask(jnp.asarray(segment_ids), 7)
+    )
+    expected = reference.attention(q, k, v, reference.mask_of(segment_ids))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ class TrainState:
 
 
 def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine, linear, inverse-square-root or constant."""
+    """Linear warmup, then cosine, linear, inverse-square-root or constant decay to ``total_steps``."""
     lr, warmup = optim.lr, optim.warmup_steps
     decay_steps = max(total_steps - warmup, 1)
     floor = lr * optim.min_lr_ratio
@@ -39,13 +39,15 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
         offset = max(warmup, 1)
 
         def decay(step):  # continuous with the warmup: lr * sqrt(warmup / step)
-            return lr * jnp.sqrt(offset / (step + offset))
+            return lr * jnp.sqrt(offset / (jnp.maximum(step, 0) + offset))
 
     else:
         decay = optax.constant_schedule(lr)
     if not warmup:
         return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    # lr * (step + 1) / warmup: the first step already learns, the last warmup step is at lr.
+    ramp = optax.linear_schedule(lr / warmup, lr, max(warmup - 1, 1))
+    return optax.join_schedules([ramp, decay], [warmup])
 
 
 def decay_mask(params: Any) -> Any:

@@ -67,10 +67,8 @@ def _configure_runtime() -> None:
 def _tokenizer_train(args) -> dict:
     from t2x.data import corpus
     from t2x.data.sources import read_texts
-    from t2x.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+    from t2x.data.tokenizer import load_tokenizer, train_tokenizer
 
-    if args.vocab_size < 260:
-        raise TokenizerError("--vocab-size must be at least 260 (256 byte pieces plus specials)")
     paths = [corpus.split_file("train") if p == "builtin" else p for p in args.input]
     path = train_tokenizer(read_texts(paths, text_key=args.text_key), args.vocab_size, args.output, args.model_type)
     return {"model": path, "vocab_size": load_tokenizer(path).vocab_size}

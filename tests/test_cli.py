@@ -45,9 +45,9 @@ def test_help(command, capsys):
 def test_tokenizer_train_command(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(f"line {i} with words alpha beta gamma {i * 7}" for i in range(300)))
-    assert cli.main(["tokenizer", "train", "--input", str(text), "--vocab-size", "280", "--output", str(tmp_path / "sp")]) == 0
+    assert cli.main(["tokenizer", "train", "--input", str(text), "--vocab-size", "288", "--output", str(tmp_path / "sp")]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["vocab_size"] == 280 and (tmp_path / "sp.model").exists()
+    assert out["vocab_size"] == 288 and (tmp_path / "sp.model").exists()
 
 
 def _bad_inputs(tmp_path):

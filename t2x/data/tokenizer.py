@@ -142,10 +142,8 @@ def resolve_tokenizer(spec: str) -> str:
     """The ``.model`` path a tokenizer spec names (training the built-in one if needed)."""
     if spec.startswith("builtin:"):
         size = spec.split(":", 1)[1]
-        if not size.isdigit() or int(size) < 260:
-            raise TokenizerError(
-                f"data.tokenizer {spec!r}: builtin:N needs N >= 260 (256 byte pieces plus specials)"
-            )
+        if not size.isdigit():
+            raise TokenizerError(f"data.tokenizer {spec!r}: builtin:N needs a number of pieces N")
         return builtin_tokenizer_path(int(size))
     if not os.path.isfile(spec):
         raise TokenizerError(

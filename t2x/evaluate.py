@@ -71,7 +71,10 @@ class Evaluator:
         self.step = jit_eval_step(make_eval_step(model, tokenizer.bos_id), param_shardings, mesh)
 
     def __call__(self, params: Any) -> dict[str, float]:
-        """Loss, perplexity, bits per byte, tokens and bytes over the split (or ``max_batches``)."""
+        """Loss, perplexity, bits per byte, tokens, bytes and documents read over the split
+        (or ``max_batches``)."""
+        if self.max_batches is not None:  # uncached: count this evaluation's reading alone
+            self.stats.reset()
         sums = []
         for i, local in enumerate(self.dataset.as_numpy_iterator()):
             if self.max_batches is not None and i >= self.max_batches:
@@ -85,7 +88,8 @@ class Evaluator:
                 totals[k] += float(batch_sums[k])
         if totals["tokens"] == 0:
             raise DataError(f"{self.source.description} has no documents to evaluate")
-        return {**summarize(totals["nll_sum"], totals["tokens"], totals["bytes"]), "batches": len(sums)}
+        summary = summarize(totals["nll_sum"], totals["tokens"], totals["bytes"])
+        return {**summary, **self.stats.as_dict(), "batches": len(sums)}
 
 
 def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=None) -> dict[str, Any]:

@@ -156,3 +156,28 @@ def test_learning_rate_schedules(decay, final):
     assert float(schedule(4)) == pytest.approx(1.0)
     assert float(schedule(100)) == pytest.approx(final)  # rsqrt: sqrt(warmup / step)
     assert float(schedule(50)) <= 1.0
+
+
+def test_metrics_report_what_the_pipeline_read_and_repaired(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    lines = [f"document number {i} talks about parsing values".encode() for i in range(40)]
+    lines[5] = b"bad bytes \xff\xfe here"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = tiny_config(tmp_path / "run", "data.source=files", f"data.train_files=[{corpus}]",
+                      f"data.eval_files=[{corpus}]", "data.num_shards=2", "eval.max_batches=null")
+    result = train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train" and "documents" in r]
+    assert train_records[-1]["invalid_utf8"] >= 1 and train_records[-1]["documents"] >= 40
+    assert result["documents"] == 40 and result["invalid_utf8"] == 1 and result["bad_records"] == 0
+
+
+def test_resume_with_other_data_settings_is_refused_and_keeps_the_run(tmp_path):
+    train(tiny_config(tmp_path, "train.steps=2"))
+    recorded = (tmp_path / "config.yaml").read_text()
+    from t2x.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.num_shards"):
+        train(tiny_config(tmp_path, "train.steps=4", "data.num_shards=4"))
+    assert (tmp_path / "config.yaml").read_text() == recorded
+    assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]

@@ -40,6 +40,10 @@ class DataStats:
             self.invalid_utf8 += invalid_utf8
             self.bad_records += bad_records
 
+    def reset(self) -> None:
+        with self._lock:
+            self.documents = self.invalid_utf8 = self.bad_records = 0
+
     def as_dict(self) -> dict[str, int]:
         with self._lock:
             return {"documents": self.documents, "invalid_utf8": self.invalid_utf8, "bad_records": self.bad_records}

@@ -43,7 +43,8 @@ class _Window:
     """Train metrics between two log points, and the wall time they took."""
 
     def __init__(self):
-        self.pending: list[tuple[int, Any]] = []
+        self.pending: list[tuple[int, Any]] = []  # (step, metrics still on device)
+        self.fetched: list[tuple[int, dict]] = []  # (step, metrics on host, checked finite)
         self.start = time.perf_counter()
         self.timed_steps = 0
 
@@ -55,8 +56,9 @@ class _Window:
 def train(cfg: Config, devices=None) -> dict[str, Any]:
     """Train ``cfg`` (resuming from its run directory's latest checkpoint) and evaluate.
 
-    Everything that can be checked (config, mesh, tokenizer, data, run directory) is
-    checked before any checkpoint is read or written.
+    The config, mesh, tokenizer, data and run directory are all checked before any
+    checkpoint is read or written, and the run's files are rewritten only once the
+    checkpoint it resumes from has been accepted.
 
     Returns:
       The final held-out evaluation: loss, perplexity, bits_per_byte, tokens, bytes, step.
@@ -64,16 +66,14 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     s = build(cfg, devices=devices)
     train_source = Source(cfg.data, "train")
     check_shards_nonempty(train_source, range(cfg.data.num_shards), cfg.data.num_shards)
-    run_dir = check_writable(cfg)
-    primary = jax.process_index() == 0
     tx, schedule = make_optimizer(cfg)
+    primary = jax.process_index() == 0
     batch_size, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
+    data_meta = {"num_shards": cfg.data.num_shards, "seq_len": seq_len, "source": train_source.description}
     with sharding_context(s.mesh):
         abstract, shardings = state_shardings(s.model, tx, s.mesh, seq_len)
         evaluator = Evaluator(cfg, s.tokenizer, s.model, s.mesh, shardings.params)
-        if primary:
-            write_run_files(run_dir, cfg, s.tokenizer.model_proto)
-        data_meta = {"num_shards": cfg.data.num_shards, "seq_len": seq_len, "source": train_source.description}
+        run_dir = check_writable(cfg)
         checkpointer = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint)
         try:
             latest = checkpointer.latest_step()
@@ -86,14 +86,16 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                 check_data_state(data_state, data_meta)
                 positions = state_to_positions(data_state["shards"])
                 log.info("resumed %s from step %d", run_dir, latest)
+            if primary:
+                write_run_files(run_dir, cfg, s.tokenizer.model_proto)
             batches = TrainBatches(
                 train_source, s.tokenizer, cfg.data, batch_size, cfg.train.seed,
                 process_row_range(s.mesh, batch_size), positions,
             )
-            train_step = jit_train_step(make_train_step(s.model, tx, schedule, cfg, s.tokenizer.bos_id), shardings, s.mesh)
+            step = jit_train_step(make_train_step(s.model, tx, schedule, cfg, s.tokenizer.bos_id), shardings, s.mesh)
             writer = MetricsWriter(run_dir, enabled=primary)
             try:
-                return _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, data_meta, primary)
+                return _loop(cfg, s, state, batches, step, evaluator, checkpointer, writer, data_meta, primary)
             finally:
                 writer.close()
         finally:
@@ -110,12 +112,13 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
     bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,
                disable=not (primary and cfg.train.progress_bar))
 
-    def flush() -> list[tuple[int, dict]]:
+    def flush() -> None:
         """Fetch pending metrics; stop on (or count) non-finite steps."""
         nonlocal skipped
         values = jax.device_get([m for _, m in window.pending])
         fetched = list(zip([n for n, _ in window.pending], values))
         window.pending.clear()
+        window.fetched.extend(fetched)
         for n, m in fetched:
             if not m["finite"]:
                 if cfg.train.on_nonfinite == "stop":
@@ -148,14 +151,15 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
         window.pending.append((done, metrics))
         if step == first:  # the first step compiles: keep it out of the throughput figures
             jax.block_until_ready(metrics)
-            writer.write("train", done, {"compile_seconds": time.perf_counter() - window.start})
+            writer.write("train", done, {"first_step_seconds": time.perf_counter() - window.start})
             window.restart_clock()
         else:
             window.timed_steps += 1
         bar.update(1)
         last = done == steps
         if done % cfg.train.log_every == 0 or last:
-            fetched = flush()
+            flush()
+            fetched, window.fetched = window.fetched, []
             elapsed = time.perf_counter() - window.start
             logged = {
                 "loss": float(np.mean([m["loss"] for _, m in fetched])),
@@ -163,6 +167,7 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
                 "grad_norm": float(fetched[-1][1]["grad_norm"]),
                 "learning_rate": float(fetched[-1][1]["learning_rate"]),
                 "skipped_steps": skipped,
+                **batches.stats.as_dict(),
             }
             if window.timed_steps and elapsed > 0:
                 logged["tokens_per_second"] = window.timed_steps * batch_size * seq_len / elapsed
@@ -175,6 +180,8 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
                 postfix["tok/s"] = f"{logged['tokens_per_second']:,.0f}"
             if "mfu" in logged:
                 postfix["mfu"] = f"{100 * logged['mfu']:.1f}%"
+            if logged["invalid_utf8"] or logged["bad_records"]:
+                postfix["bad docs"] = logged["invalid_utf8"] + logged["bad_records"]
             bar.set_postfix(postfix)
             if bar.disable and primary:
                 log.info("step %d: %s", done, ", ".join(f"{k} {v}" for k, v in postfix.items()))

@@ -17,7 +17,7 @@ import time
 
 from t2x.config import load_config
 from t2x.data import Source, load_tokenizer
-from t2x.data.pipeline import TrainBatches
+from t2x.data.pipeline import TrainBatches, check_data
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     source = Source(cfg.data, "train")
+    check_data(source, cfg.data, every_shard=True)
     batch_size = cfg.train.global_batch_size
 
     t0 = time.perf_counter()

@@ -136,10 +136,16 @@ class Checkpointer:
 
 
 def check_data_state(saved: dict, expected: dict) -> None:
-    """Refuse to resume the input pipeline from a checkpoint made with other data settings."""
+    """Refuse to resume the input pipeline from a checkpoint made with other data settings.
+
+    Args:
+      saved: the checkpoint's data item.
+      expected: this run's settings, keyed by the config key they come from.
+    """
     for key, value in expected.items():
-        if key != "shards" and saved.get(key) != value:
+        if saved.get(key) != value:
+            what = "are different files, format or text field" if key == "training data" else f"is {value!r}"
             raise ConfigError(
-                f"data.{key} is {value!r} but the checkpoint's input position was made with {saved.get(key)!r}; "
-                f"set data.{key} back, or start a new train.run_dir"
+                f"{key} {what}, but the checkpoint's input position was made with {saved.get(key)!r}; "
+                f"resume with the settings the run was trained with, or start a new train.run_dir"
             )

@@ -192,6 +192,7 @@ class TrainConfig:
         for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(bool(self.run_dir), "train.run_dir must be set")
 
 

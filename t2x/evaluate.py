@@ -17,20 +17,24 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from t2x.config import Config
-from t2x.data.pipeline import eval_dataset
+from t2x.data.pipeline import check_data, eval_dataset
 from t2x.data.sources import DataError, DataStats, Source
 from t2x.data.tokenizer import Tokenizer
 from t2x.parallel import host_to_global, process_row_range
 from t2x.train.step import jit_eval_step, make_eval_step
 
 
-def summarize(nll_sum: float, tokens: float, num_bytes: float) -> dict[str, float]:
-    """Loss, perplexity and bits per byte from summed NLL (nats), target tokens and bytes."""
+def summarize(nll_sum: float, tokens: int, num_bytes: int) -> dict[str, float | int | None]:
+    """Loss, perplexity and bits per byte from summed NLL (nats), target tokens and bytes.
+
+    ``bits_per_byte`` is None when no document ended inside the evaluated rows (a capped
+    evaluation of long documents), since their bytes are counted with their last token.
+    """
     loss = nll_sum / tokens
     return {
         "loss": loss,
         "perplexity": math.exp(loss),
-        "bits_per_byte": nll_sum / (math.log(2) * num_bytes),
+        "bits_per_byte": nll_sum / (math.log(2) * num_bytes) if num_bytes else None,
         "tokens": int(tokens),
         "bytes": int(num_bytes),
     }
@@ -58,6 +62,7 @@ class Evaluator:
         self.batch_size = cfg.eval_batch_size
         self.max_batches = cfg.eval.max_batches
         self.source = Source(cfg.data, "eval")
+        check_data(self.source, cfg.data, every_shard=False)
         self.stats = DataStats()
         self.dataset = eval_dataset(
             self.source,
@@ -68,7 +73,7 @@ class Evaluator:
             self.stats,
             cache=self.max_batches is None,
         )
-        self.step = jit_eval_step(make_eval_step(model, tokenizer.bos_id), param_shardings, mesh)
+        self.step = jit_eval_step(make_eval_step(model, tokenizer.bos_id, tokenizer.eos_id), param_shardings, mesh)
 
     def __call__(self, params: Any) -> dict[str, float]:
         """Loss, perplexity, bits per byte, tokens, bytes and documents read over the split
@@ -82,14 +87,21 @@ class Evaluator:
             if not _any_process(bool(local["segment_ids"].any())):
                 break
             sums.append(self.step(params, host_to_global(local, self.mesh, self.batch_size)))
-        totals = {k: 0.0 for k in ("nll_sum", "tokens", "bytes")}
+        nll_sum, counts = 0.0, {"tokens": 0, "bytes": 0, "documents": 0}
         for batch_sums in jax.device_get(sums):
-            for k in totals:
-                totals[k] += float(batch_sums[k])
-        if totals["tokens"] == 0:
+            nll_sum += float(batch_sums["nll_sum"])
+            for k in counts:
+                counts[k] += int(batch_sums[k])
+        if counts["tokens"] == 0:
             raise DataError(f"{self.source.description} has no documents to evaluate")
-        summary = summarize(totals["nll_sum"], totals["tokens"], totals["bytes"])
-        return {**summary, **self.stats.as_dict(), "batches": len(sums)}
+        read = self.stats.as_dict()
+        return {
+            **summarize(nll_sum, counts["tokens"], counts["bytes"]),
+            "documents": counts["documents"],  # documents whose last token was evaluated
+            "invalid_utf8": read["invalid_utf8"],
+            "bad_records": read["bad_records"],
+            "batches": len(sums),
+        }
 
 
 def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
         for a, b in zip(jax.tree.leaves((original.params, original.opt_state)),
                         jax.tree.leaves((restored.params, restored.opt_state))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert len(data["shards"]) == 8 and data["num_shards"] == 8
+    assert len(data["shards"]) == 8 and data["data.num_shards"] == 8
 
 
 KILLED_DURING_SAVE = textwrap.dedent(

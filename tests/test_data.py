@@ -12,7 +12,7 @@ from t2x.data import DataError, Source, load_tokenizer
 from t2x.data.pipeline import (
     ShardPosition,
     TrainBatches,
-    check_shards_nonempty,
+    check_data,
     eval_dataset,
     positions_to_state,
     state_to_positions,
@@ -186,13 +186,41 @@ def test_missing_files_and_empty_corpora_are_reported(tmp_path, tokenizer):
         Source(config(source="files", train_files=(str(tmp_path / "nothing-*.txt"),)), "train")
     with pytest.raises(DataError, match=r"data\.eval_files is empty"):
         Source(config(source="files", train_files=(str(tmp_path),)), "eval")
-    (tmp_path / "empty.txt").write_text("")
-    empty = config(source="files", train_files=(str(tmp_path / "empty.txt"),))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = config(source="files", train_files=(str(tmp_path / "empty.txt"),), eval_files=(str(tmp_path / "empty.txt"),))
     with pytest.raises(DataError, match="corpus is empty"):
-        check_shards_nonempty(Source(empty, "train"), range(4), 4)
+        check_data(Source(empty, "train"), empty, every_shard=True)
+    with pytest.raises(DataError, match="corpus is empty"):
+        check_data(Source(empty, "eval"), empty, every_shard=False)
     few = write_jsonl(tmp_path / "few.jsonl", docs(2))
+    few_cfg = config(source="files", train_files=(few,), eval_files=(few,))
     with pytest.raises(DataError, match="lower it"):
-        check_shards_nonempty(Source(config(source="files", train_files=(few,)), "train"), range(4), 4)
+        check_data(Source(few_cfg, "train"), few_cfg, every_shard=True)
+    check_data(Source(few_cfg, "eval"), few_cfg, every_shard=False)  # evaluation can have empty shards
+
+
+def test_data_without_usable_text_is_reported_instead_of_read_forever(tmp_path):
+    wrong_field = tmp_path / "wrong.jsonl"
+    wrong_field.write_text("".join(json.dumps({"content": t}) + "\n" for t in docs(20)))
+    cfg = config(source="files", train_files=(str(wrong_field),), eval_files=(str(wrong_field),))
+    for split, every_shard in (("train", True), ("eval", False)):
+        with pytest.raises(DataError, match=r"data\.text_key"):
+            check_data(Source(cfg, split), cfg, every_shard=every_shard)
+    undecodable = tmp_path / "latin1.txt"
+    undecodable.write_bytes(b"caf\xe9\n" * 50)
+    strict = config(source="files", train_files=(str(undecodable),), invalid_utf8="skip", num_shards=1)
+    with pytest.raises(DataError, match="no usable text"):
+        check_data(Source(strict, "train"), strict, every_shard=True)
+
+
+def test_files_are_balanced_across_shards_by_size():
+    from t2x.data.sources import assign_files
+
+    sizes = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+    shards = assign_files(sizes, 2)
+    totals = [sum(sizes[i] for i in files) for files in shards]
+    assert sorted(totals) == [100, 100] and sorted(i for s in shards for i in s) == list(range(11))
+    assert assign_files([5, 5, 5], 3) == [[0], [1], [2]]
 
 
 def test_process_rows_must_align_with_shards(tokenizer):

@@ -77,3 +77,12 @@ def test_summary_formulas():
     out = summarize(nll_sum=200.0, tokens=100, num_bytes=400)
     assert out["loss"] == 2.0 and out["perplexity"] == pytest.approx(math.exp(2.0))
     assert out["bits_per_byte"] == pytest.approx(200 / math.log(2) / 400)
+    assert summarize(nll_sum=200.0, tokens=100, num_bytes=0)["bits_per_byte"] is None
+
+
+def test_documents_are_counted_by_their_evaluated_end(tmp_path, corpus):
+    path, texts = corpus
+    *_, whole = evaluate(files_config(tmp_path, path, "eval.global_batch_size=8", "mesh.data=8"))
+    assert whole["documents"] == len(texts)
+    *_, capped = evaluate(files_config(tmp_path, path, "eval.global_batch_size=8", "mesh.data=8", "eval.max_batches=1"))
+    assert 0 < capped["documents"] < len(texts) and capped["batches"] == 1

@@ -110,15 +110,18 @@ def test_z_loss_metric_and_gradient(tmp_path):
     assert not np.allclose(without.params["final_norm"]["scale"], with_z.params["final_norm"]["scale"])
 
 
-def test_weight_decay_spares_norms_and_biases(tmp_path):
-    cfg = tiny_config(tmp_path, "optim.weight_decay=0.5", "optim.lr=1.0", "optim.clip_norm=null")
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_weight_decay_is_decoupled_scaled_by_lr_and_spares_norms_and_biases(tmp_path, optimizer):
+    cfg = tiny_config(tmp_path, f"optim.name={optimizer}", "optim.weight_decay=0.5", "optim.lr=0.1",
+                      "optim.warmup_steps=0", "optim.decay=constant", "optim.clip_norm=null")
     batch = {k: jnp.zeros_like(v) for k, v in _batch().items()}  # all padding: zero gradients
     _, before, after, _ = _one_step(cfg, batch)
     assert np.allclose(after.params["final_norm"]["scale"], before.params["final_norm"]["scale"])
     assert np.allclose(after.params["blocks"]["layers"]["mlp"]["up"]["bias"],
                        before.params["blocks"]["layers"]["mlp"]["up"]["bias"])
     kernel = before.params["blocks"]["layers"]["mlp"]["up"]["kernel"]
-    assert np.abs(after.params["blocks"]["layers"]["mlp"]["up"]["kernel"]).sum() < np.abs(kernel).sum()
+    # p <- p - lr * wd * p: shrunk by 1 - 0.1 * 0.5, not by 1 - 0.5.
+    np.testing.assert_allclose(after.params["blocks"]["layers"]["mlp"]["up"]["kernel"], kernel * 0.95, rtol=1e-5)
 
 
 def test_nonfinite_loss_stops_the_run_and_never_checkpoints_it(tmp_path):
@@ -135,8 +138,11 @@ def test_nonfinite_updates_are_skipped_when_asked(tmp_path):
                       "train.on_nonfinite=skip", "train.steps=4")
     train(cfg)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    skipped = [r["skipped_steps"] for r in lines if r["split"] == "train" and "skipped_steps" in r]
-    assert skipped[-1] == 3  # steps 2-4 see the overflowed parameters of step 1
+    logged = [r for r in lines if r["split"] == "train" and "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 2, 3]  # steps 2-4 see step 1's overflowed parameters
+    assert logged[0]["loss"] > 0 and [r["loss"] for r in logged[1:]] == [None, None, None]
+    # The schedule does not advance on skipped updates: steps 2-4 all use the rate of the second update.
+    assert logged[0]["learning_rate"] > logged[1]["learning_rate"] == logged[2]["learning_rate"] == logged[3]["learning_rate"]
     c = build(cfg)
     with sharding_context(c.mesh):
         tx, _ = make_optimizer(cfg)
@@ -179,5 +185,9 @@ def test_resume_with_other_data_settings_is_refused_and_keeps_the_run(tmp_path):
 
     with pytest.raises(ConfigError, match="data.num_shards"):
         train(tiny_config(tmp_path, "train.steps=4", "data.num_shards=4"))
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        train(tiny_config(tmp_path, "train.steps=4", "data.tokenizer=builtin:384"))
+    with pytest.raises(ConfigError, match="train.seed"):
+        train(tiny_config(tmp_path, "train.steps=4", "train.seed=1"))
     assert (tmp_path / "config.yaml").read_text() == recorded
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]

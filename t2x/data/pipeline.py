@@ -133,20 +133,63 @@ def _options() -> tf.data.Options:
     return options
 
 
-def check_shards_nonempty(source: Source, shards: Sequence[int], num_shards: int) -> None:
-    """Fail with a clear message if a training shard has no records at all."""
-    for shard in shards:
-        if not any(True for _ in source.shard_fn(shard, num_shards, 0, False)(0).take(1)):
-            if shard == 0 or num_shards == 1:
-                raise DataError(f"{source.description} has no documents: the corpus is empty")
+SCAN_RECORDS = 10_000  # records read per shard, at most, to find usable text before a run
+
+
+def _shard_has_text(source: Source, cfg: DataConfig, shard: int) -> tuple[bool, int]:
+    """(whether the shard's first records hold usable text, how many records were read)."""
+    records = source.shard_fn(shard, cfg.num_shards, 0, False)(0).filter(lambda r: tf.strings.length(r) > 0)
+    read = 0
+    for batch in records.take(SCAN_RECORDS).batch(1024).as_numpy_iterator():
+        read += len(batch)
+        if decode_records(list(batch), source.format, cfg.text_key, cfg.invalid_utf8):
+            return True, read
+    return False, read
+
+
+def check_data(source: Source, cfg: DataConfig, every_shard: bool) -> None:
+    """Fail with a clear message, before a run starts, when the data holds no usable text.
+
+    Args:
+      source: a split.
+      cfg: data config (shards, format, text field, UTF-8 policy).
+      every_shard: training needs text in every logical shard (each supplies rows to
+        every batch); evaluation needs it somewhere in the split.
+
+    Raises:
+      DataError: naming the shard and what to check.
+    """
+    fields = "check data.text_key (the JSONL field or tf.train.Example feature), data.format and data.invalid_utf8"
+    empty = []  # shards with no records at all
+    for shard in range(cfg.num_shards):
+        usable, read = _shard_has_text(source, cfg, shard)
+        if usable:
+            if not every_shard:
+                return
+        elif read and every_shard:
             raise DataError(
-                f"logical data shard {shard} of {num_shards} has no documents in {source.description}: "
-                "the corpus is too small for data.num_shards; lower it"
+                f"the first {read:,} records of logical data shard {shard} in {source.description} hold "
+                f"no usable text; {fields}"
             )
+        elif not read:
+            empty.append(shard)
+    if every_shard and not empty:
+        return
+    if len(empty) == cfg.num_shards:
+        raise DataError(f"{source.description} has no documents: the corpus is empty")
+    if not every_shard:
+        raise DataError(f"{source.description} has no usable text to evaluate; {fields}")
+    raise DataError(
+        f"logical data shards {empty} of {cfg.num_shards} have no documents in {source.description}: "
+        "the corpus is too small for data.num_shards; lower it"
+    )
 
 
 class TrainBatches:
     """Host-local training batches with a checkpointable position.
+
+    Run ``check_data(source, cfg, every_shard=True)`` first: a shard without usable text
+    would never yield a row.
 
     Args:
       source: the training split.
@@ -171,7 +214,6 @@ class TrainBatches:
         self.shards = local_shards(global_batch_size, cfg.num_shards, *row_range)
         self.rows_per_shard = global_batch_size // cfg.num_shards
         self.stats = DataStats()
-        check_shards_nonempty(source, self.shards, cfg.num_shards)
         positions = positions or {}
         self.positions = {k: positions.get(k, ShardPosition()) for k in self.shards}
         streams = [
@@ -185,6 +227,10 @@ class TrainBatches:
 
     def __iter__(self):
         return self
+
+    def close(self) -> None:
+        """Stop the pipeline's background work."""
+        self._iterator = None
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iterator)

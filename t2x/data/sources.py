@@ -1,15 +1,17 @@
 """Raw documents from text, JSONL or TFRecord files, TFDS, or the built-in corpus.
 
 A ``Source`` is one split of one dataset, cut into a fixed number of logical shards. A
-shard is a deterministic stream of raw records (``tf.string``): whole files go to a
-shard when there are at least as many files as shards, otherwise every shard reads all
-files and keeps every ``num_shards``-th record. Records become text in Python
+shard is a deterministic stream of raw records (``tf.string``): whole files, balanced by
+size, go to a shard when there are at least as many files as shards; otherwise every
+shard reads all files and keeps every ``num_shards``-th record. Records become text in Python
 (``decode_records``), which counts and skips or repairs bad input instead of failing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 import tensorflow as tf
 
 from t2x.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".tfrecord": "tfrecord", ".tfrecords": "tfrecord"}
 
@@ -85,6 +89,24 @@ def list_files(patterns: Sequence[str], key: str) -> list[str]:
     return sorted(set(files))
 
 
+def assign_files(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
+    """Deal files to shards, largest first, each to the shard with the fewest bytes so far.
+
+    Every shard supplies the same number of rows per step, so shards of unequal size
+    repeat their documents at unequal rates; balancing by bytes keeps that small.
+
+    Returns:
+      For each shard, the indices of its files in their original (sorted) order.
+    """
+    shards: list[list[int]] = [[] for _ in range(num_shards)]
+    totals = [0] * num_shards
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = min(range(num_shards), key=lambda k: (totals[k], k))
+        shards[k].append(i)
+        totals[k] += sizes[i]
+    return [sorted(files) for files in shards]
+
+
 def decode_records(
     records: Sequence[bytes], fmt: str, text_key: str, invalid_utf8: str, stats: DataStats | None = None
 ) -> list[str]:
@@ -147,6 +169,7 @@ class Source:
             self._tfds_split = cfg.train_split if split == "train" else cfg.eval_split
             self.description = f"TFDS {cfg.tfds_name} split {self._tfds_split!r}"
             self._tfds_builder = self._load_tfds_builder()
+            self.fingerprint = _fingerprint([cfg.tfds_name, str(self._tfds_builder.info.version), self._tfds_split, cfg.text_key])
             return
         if cfg.source == "builtin":
             from t2x.data import corpus
@@ -158,6 +181,10 @@ class Source:
             self.files = list_files(cfg.train_files if split == "train" else cfg.eval_files, key)
         self.format = detect_format(self.files, cfg.format, key)
         self.description = f"{key} ({len(self.files)} file{'s' if len(self.files) != 1 else ''})"
+        self.sizes = [tf.io.gfile.stat(f).length for f in self.files]
+        self.fingerprint = _fingerprint(
+            [self.format, cfg.text_unit, cfg.text_key, *(f"{os.path.basename(f)}:{n}" for f, n in zip(self.files, self.sizes))]
+        )
         if self.format == "text" and cfg.text_unit == "file" and any(f.endswith(".gz") for f in self.files):
             raise DataError(f"{key}: data.text_unit=file reads files whole and cannot read .gz files")
         compressions = {f.endswith(".gz") for f in self.files}
@@ -177,6 +204,19 @@ class Source:
                 f"cannot read {self.description} (data.tfds_name, {key}, data.tfds_data_dir): {e}"
             ) from None
         return builder
+
+    def _assignment(self, num_shards: int) -> list[list[int]]:
+        if getattr(self, "_assigned", (None,))[0] != num_shards:
+            shards = assign_files(self.sizes, num_shards)
+            totals = [sum(self.sizes[i] for i in files) for files in shards]
+            if min(totals) and max(totals) > 1.5 * min(totals):
+                log.warning(
+                    "%s: the largest of %d data shards holds %.1fx the bytes of the smallest, so its documents "
+                    "are seen that much less often; use more, similar-sized files", self.description, num_shards,
+                    max(totals) / min(totals),
+                )
+            self._assigned = (num_shards, shards)
+        return self._assigned[1]
 
     def _read(self, files: tf.Tensor) -> tf.data.Dataset:
         cfg = self.cfg
@@ -211,7 +251,7 @@ class Source:
             return lambda epoch: records
 
         if len(self.files) >= num_shards:
-            files = tf.constant(self.files[index::num_shards])
+            files = tf.constant([self.files[i] for i in self._assignment(num_shards)[index]])
 
             def read_shard(epoch):
                 ordered = files
@@ -225,6 +265,10 @@ class Source:
 
         all_files = tf.constant(self.files)
         return lambda epoch: self._read(all_files).shard(num_shards, index)
+
+
+def _fingerprint(parts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def read_texts(paths: Sequence[str], fmt: str = "auto", text_key: str = "text") -> Iterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from t2x.checkpoint import Checkpointer, check_data_state
 from t2x.components import build
 from t2x.config import Config, to_dict
-from t2x.data.pipeline import TrainBatches, check_shards_nonempty, positions_to_state, state_to_positions
+from t2x.data.pipeline import TrainBatches, check_data, positions_to_state, state_to_positions
 from t2x.data.sources import Source
 from t2x.evaluate import Evaluator
 from t2x.flops import peak_flops_per_device, training_flops_per_step
@@ -29,6 +30,22 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """The loss or gradient became NaN or infinite; nothing from that step was saved."""
+
+
+def _data_meta(cfg: Config, source: Source, tokenizer) -> dict[str, Any]:
+    """What the input pipeline's stored positions mean; a resume must match all of it."""
+    d = cfg.data
+    return {
+        "training data": source.fingerprint,  # files (names, sizes), format and text field, or the TFDS split
+        "data.tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest()[:16],
+        "data.num_shards": d.num_shards,
+        "data.seq_len": d.seq_len,
+        "data.block_docs": d.block_docs,
+        "data.doc_shuffle_buffer": d.doc_shuffle_buffer,
+        "data.shuffle": d.shuffle,
+        "data.invalid_utf8": d.invalid_utf8,
+        "train.seed": cfg.train.seed,
+    }
 
 
 def _gather_positions(positions, num_shards: int) -> np.ndarray:
@@ -65,11 +82,11 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     """
     s = build(cfg, devices=devices)
     train_source = Source(cfg.data, "train")
-    check_shards_nonempty(train_source, range(cfg.data.num_shards), cfg.data.num_shards)
+    check_data(train_source, cfg.data, every_shard=True)
     tx, schedule = make_optimizer(cfg)
     primary = jax.process_index() == 0
     batch_size, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
-    data_meta = {"num_shards": cfg.data.num_shards, "seq_len": seq_len, "source": train_source.description}
+    data_meta = _data_meta(cfg, train_source, s.tokenizer)
     with sharding_context(s.mesh):
         abstract, shardings = state_shardings(s.model, tx, s.mesh, seq_len)
         evaluator = Evaluator(cfg, s.tokenizer, s.model, s.mesh, shardings.params)
@@ -94,10 +111,13 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
             )
             step = jit_train_step(make_train_step(s.model, tx, schedule, cfg, s.tokenizer.bos_id), shardings, s.mesh)
             writer = MetricsWriter(run_dir, enabled=primary)
+            if latest is not None:  # later records of steps after `latest` supersede earlier ones
+                writer.write("resume", latest, {})
             try:
                 return _loop(cfg, s, state, batches, step, evaluator, checkpointer, writer, data_meta, primary)
             finally:
                 writer.close()
+                batches.close()
         finally:
             checkpointer.close()
 
@@ -108,26 +128,24 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
     peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
     first = int(jax.device_get(state.step))
     window = _Window()
-    skipped = 0
     bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,
                disable=not (primary and cfg.train.progress_bar))
 
     def flush() -> None:
-        """Fetch pending metrics; stop on (or count) non-finite steps."""
-        nonlocal skipped
+        """Fetch pending metrics; stop at a non-finite step unless its update was skipped."""
         values = jax.device_get([m for _, m in window.pending])
         fetched = list(zip([n for n, _ in window.pending], values))
         window.pending.clear()
         window.fetched.extend(fetched)
         for n, m in fetched:
-            if not m["finite"]:
-                if cfg.train.on_nonfinite == "stop":
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {n} (loss {float(m['loss'])}, grad norm "
-                        f"{float(m['grad_norm'])}); the last checkpoint is untouched. Lower optim.lr, set "
-                        "optim.clip_norm, or set train.on_nonfinite=skip"
-                    )
-                skipped += 1
+            if m["finite"]:
+                continue
+            if cfg.train.on_nonfinite == "stop" or not m["params_finite"]:  # a skip cannot undo applied values
+                raise NonFiniteError(
+                    f"non-finite values at step {n} (loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}, "
+                    f"parameter norm {float(m['param_norm'])}); the last checkpoint is untouched. Lower optim.lr, "
+                    "set optim.clip_norm, or set train.on_nonfinite=skip"
+                )
         return fetched
 
     def save():
@@ -161,13 +179,18 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
             flush()
             fetched, window.fetched = window.fetched, []
             elapsed = time.perf_counter() - window.start
+            finite = [m for _, m in fetched if m["finite"]]  # skipped steps stay out of the means
+            newest = fetched[-1][1]
             logged = {
-                "loss": float(np.mean([m["loss"] for _, m in fetched])),
-                "z_loss": float(np.mean([m["z_loss"] for _, m in fetched])),
-                "grad_norm": float(fetched[-1][1]["grad_norm"]),
-                "learning_rate": float(fetched[-1][1]["learning_rate"]),
-                "skipped_steps": skipped,
+                "loss": float(np.mean([m["loss"] for m in finite])) if finite else None,
+                "z_loss": float(np.mean([m["z_loss"] for m in finite])) if finite else None,
+                "grad_norm": float(newest["grad_norm"]),
+                "param_norm": float(newest["param_norm"]),
+                "learning_rate": float(newest["learning_rate"]),
+                "skipped_steps": int(newest["skipped_steps"]),
                 **batches.stats.as_dict(),
+                "data_epoch_min": min(p.epoch for p in batches.positions.values()),
+                "data_epoch_max": max(p.epoch for p in batches.positions.values()),
             }
             if window.timed_steps and elapsed > 0:
                 logged["tokens_per_second"] = window.timed_steps * batch_size * seq_len / elapsed
@@ -175,7 +198,7 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
                 if peak:
                     logged["mfu"] = flops_per_step * window.timed_steps / elapsed / (jax.device_count() * peak)
             writer.write("train", done, logged)
-            postfix = {"loss": f"{logged['loss']:.3f}"}
+            postfix = {"loss": "skipped" if logged["loss"] is None else f"{logged['loss']:.3f}"}
             if "tokens_per_second" in logged:
                 postfix["tok/s"] = f"{logged['tokens_per_second']:,.0f}"
             if "mfu" in logged:

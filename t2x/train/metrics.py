@@ -11,7 +11,9 @@ import tensorflow as tf
 
 class MetricsWriter:
     """Appends ``{"split", "step", ...metrics}`` lines to ``metrics.jsonl`` and writes the
-    same scalars to ``tensorboard/<split>``. A disabled writer (other processes) does nothing."""
+    same scalars to ``tensorboard/<split>``. A ``"resume"`` record marks where a resumed
+    launch continues: records of later steps supersede earlier ones. A disabled writer
+    (other processes) does nothing."""
 
     def __init__(self, run_dir: pathlib.Path, enabled: bool = True):
         self.enabled = enabled
@@ -25,12 +27,14 @@ class MetricsWriter:
         record = {"split": split, "step": step, **metrics, "time": round(time.time(), 3)}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if not scalars:
+            return
         if split not in self._writers:
             self._writers[split] = tf.summary.create_file_writer(str(self._run_dir / "tensorboard" / split))
         with self._writers[split].as_default(step=step):
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    tf.summary.scalar(name, value)
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
         self._writers[split].flush()
 
     def close(self) -> None:

@@ -65,6 +65,9 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
 
     clip by global norm -> AdamW or Adafactor (masked weight decay), optionally skipping
     non-finite updates (``apply_if_finite``) and accumulating micro-batches (``MultiSteps``).
+    Adafactor keeps its own defaults (factored second moments with decay 0.8, update
+    clipping at RMS 1, steps relative to the parameter scale); ``b1``, ``b2`` and ``eps``
+    are Adam's.
     """
     optim = cfg.optim
     schedule = make_schedule(optim, cfg.decay_steps)
@@ -73,12 +76,14 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
             schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=decay_mask
         )
     else:
-        base = optax.adafactor(
-            schedule,
-            decay_rate=optim.b2,
-            eps=optim.eps,
-            weight_decay_rate=optim.weight_decay or None,
-            weight_decay_mask=decay_mask,
+        # optax.adafactor's pieces, with the weight decay applied before the learning
+        # rate, so that it means what it means for AdamW: p -= lr * (update + wd * p).
+        base = optax.chain(
+            optax.scale_by_factored_rms(),
+            optax.clip_by_block_rms(1.0),
+            optax.scale_by_param_block_rms(),
+            optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule),
         )
     parts = ([optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []) + [base]
     tx = optax.chain(*parts)
@@ -135,6 +140,11 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Tr
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def skipped_updates(opt_state: Any) -> jax.Array:
+    """Updates ``apply_if_finite`` has dropped so far (0 when the run does not skip)."""
+    return optax.tree_utils.tree_get(opt_state, "total_notfinite", jnp.zeros((), jnp.int32))
 
 
 def count_params(params: Any) -> int:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from t2x.config import Config
 from t2x.objectives import causal_lm, token_losses
 from t2x.parallel import batch_sharding, replicated
-from t2x.train.state import TrainState
+from t2x.train.state import TrainState, skipped_updates
 
 Batch = dict[str, jax.Array]
 
@@ -81,21 +81,28 @@ def make_train_step(
             )
             nll_sum, z_sum, grad_norm = nll_sums.sum(), z_sums.sum(), norms[-1]
         loss = nll_sum / total_weight
+        params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+        skipped = skipped_updates(opt_state)
         metrics = {
             "loss": loss,
             "z_loss": z_sum / total_weight,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
+            "param_norm": optax.global_norm(params),
+            # Skipped updates do not advance the optimizer's schedule.
+            "learning_rate": schedule(state.step - skipped_updates(state.opt_state)),
             "tokens": total_weight,
-            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            "skipped_steps": skipped,
+            "params_finite": params_finite,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite,
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
 
 
-def make_eval_step(model: nn.Module, bos_id: int) -> Callable[[dict, Batch], dict]:
-    """``step(params, batch) -> sums`` of NLL, target tokens and UTF-8 bytes in the batch."""
+def make_eval_step(model: nn.Module, bos_id: int, eos_id: int) -> Callable[[dict, Batch], dict]:
+    """``step(params, batch) -> sums`` over the batch: NLL (float32), and the integer counts
+    of target tokens, UTF-8 bytes and documents (EOS targets)."""
 
     def step(params, batch: Batch):
         example = causal_lm(batch, bos_id)
@@ -103,10 +110,12 @@ def make_eval_step(model: nn.Module, bos_id: int) -> Callable[[dict, Batch], dic
             {"params": params}, example["inputs"], example["positions"], example["segment_ids"], deterministic=True
         )
         nll, _ = token_losses(logits, example["targets"])
+        real = batch["segment_ids"] > 0
         return {
             "nll_sum": jnp.sum(nll * example["weights"]),
-            "tokens": jnp.sum(example["weights"]),
+            "tokens": jnp.sum(real, dtype=jnp.int32),
             "bytes": jnp.sum(batch["num_bytes"]),
+            "documents": jnp.sum(real & (example["targets"] == eos_id), dtype=jnp.int32),
         }
 
     return step

@@ -40,7 +40,7 @@ stop_all() {  # preemption: every process checkpoints the same step and exits 0
 }
 trap stop_all TERM INT
 
-export XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"  # the last one wins
 for ((i = 0; i < num_processes; i++)); do
   args=(train "$config" "$@"
         "distributed.coordinator_address=127.0.0.1:$port"

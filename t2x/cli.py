@@ -17,7 +17,9 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a model; rerunning the same command resumes it",
         description="Train the model a config describes. Rerunning the same command resumes from the run "
-        "directory's latest checkpoint. Prints the final held-out evaluation as one JSON line.",
+        "directory's latest checkpoint. Prints the final held-out evaluation as one JSON line. SIGTERM or "
+        "Ctrl-C saves a checkpoint at the current step and exits 0 (JSON: preempted, step). In a multi-process "
+        "job (TPU pod, SLURM, Open MPI, or distributed.* settings) every process runs this same command.",
     )
     train.add_argument("config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=100")
@@ -74,6 +76,18 @@ def _tokenizer_train(args) -> dict:
     return {"model": path, "vocab_size": load_tokenizer(path).vocab_size}
 
 
+def _join_job(cfg) -> None:
+    """Join the multi-process job, if any, before any JAX computation; then only
+    process 0 logs progress."""
+    import jax
+
+    from t2x.parallel.distributed import initialize
+
+    initialize(cfg.distributed)
+    if jax.process_index() != 0:
+        logging.getLogger("t2x").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``t2x`` console script."""
     args = _parser().parse_args(argv)
@@ -88,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from t2x.train.loop import train
 
-            result = train(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            _join_job(cfg)
+            result = train(cfg)
         elif args.command == "eval":
             from t2x.evaluate import evaluate_checkpoint
             from t2x.rundir import load_run
 
             cfg, run_dir = load_run(args.target, args.overrides)
+            _join_job(cfg)
             result = evaluate_checkpoint(cfg, run_dir, args.step)
         else:
             result = _tokenizer_train(args)

@@ -148,6 +148,38 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How the processes of a multi-process job find each other (``jax.distributed``).
+
+    Left unset, the coordinator, process count and process id come from JAX's own
+    detection (TPU pods, SLURM, Open MPI) or its ``JAX_*`` environment variables.
+    """
+
+    mode: str = "auto"  # auto: join a job when one is configured or detected | on: must | off: never
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    local_device_ids: Optional[tuple[int, ...]] = None  # accelerators this process drives
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as lost
+    shutdown_timeout: int = 300  # seconds to wait for the others at exit
+    cpu_collectives: str = "gloo"  # gloo | mpi: how CPU processes communicate
+
+    def __post_init__(self):
+        _one_of("distributed.mode", self.mode, ["auto", "on", "off"])
+        _one_of("distributed.cpu_collectives", self.cpu_collectives, ["gloo", "mpi"])
+        for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+            _require(getattr(self, key) > 0, f"distributed.{key} must be positive, got {getattr(self, key)}")
+        if self.num_processes is not None:
+            _require(self.num_processes > 0, "distributed.num_processes must be positive")
+            if self.process_id is not None:
+                _require(
+                    0 <= self.process_id < self.num_processes,
+                    f"distributed.process_id must be in [0, {self.num_processes}), got {self.process_id}",
+                )
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimizer, learning-rate schedule and gradient handling (all optax)."""
 
@@ -227,12 +259,13 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run: model, data, mesh, optimizer, loop, checkpoints and evaluation."""
+    """One run: model, data, mesh and processes, optimizer, loop, checkpoints and evaluation."""
 
     name: str = "run"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

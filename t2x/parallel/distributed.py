@@ -50,10 +50,13 @@ def initialize(cfg: DistributedConfig) -> bool:
             heartbeat_timeout_seconds=cfg.heartbeat_timeout,
             shutdown_timeout_seconds=cfg.shutdown_timeout,
         )
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         given = {k: v for k, v in explicit.items() if v is not None}
-        if cfg.mode == "auto" and not given and _NO_CLUSTER in str(e):
-            return False  # no cluster around and nothing asked for: one process
+        if cfg.mode == "auto" and not given:
+            # No cluster around and nothing asked for, or JAX already in use in this
+            # process (a library caller): stay one process.
+            if _NO_CLUSTER in str(e) or isinstance(e, RuntimeError):
+                return False
         raise ConfigError(
             f"cannot join the multi-process job ({e}); set distributed.coordinator_address, "
             "distributed.num_processes and distributed.process_id, or run under SLURM, Open MPI or a TPU pod"

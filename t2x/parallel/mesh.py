@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -11,6 +12,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from t2x.config import ConfigError, MeshConfig
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,18 +42,57 @@ def resolve_axis_sizes(config: MeshConfig, num_devices: int) -> dict[str, int]:
     return sizes
 
 
+def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
+    """How many groups of devices talk over the data-center network, and whether they are
+    TPU slices (else processes, as for GPU hosts and CPU processes)."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices}), True
+    return len({d.process_index for d in devices}), False
+
+
+def split_across_granules(shape: tuple[int, ...], granules: int) -> tuple[int, ...]:
+    """The share of each mesh axis that spans granules (hosts or slices).
+
+    The data axis crosses granules first, then fsdp, and tensor only as a last resort,
+    so the chattiest axes stay on the fast links inside a host or slice.
+    """
+    across, left = [], granules
+    for size in shape:
+        share = math.gcd(size, left)
+        across.append(share)
+        left //= share
+    if left != 1:
+        raise ConfigError(
+            f"a mesh of {dict(zip(MESH_AXES, shape))} cannot be split over {granules} hosts or slices; "
+            "make mesh.data (or mesh.fsdp) a multiple of the number of hosts"
+        )
+    if across[MESH_AXES.index("tensor")] > 1:
+        log.warning("mesh.tensor spans hosts; tensor parallelism across the network is slow")
+    return tuple(across)
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` over ``devices`` (default: all global devices) with axes data, fsdp, tensor.
 
+    Across several hosts (GPU, CPU) or TPU slices the mesh is hybrid: each axis is split
+    into a part inside a host or slice and a part across them (``split_across_granules``).
     The axes use classic automatic (GSPMD) sharding: jit in/out shardings and logical
     constraints decide the layout.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(config, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (AssertionError, NotImplementedError, ValueError):
-        # Topologies mesh_utils has no layout for: fall back to the plain device order.
-        device_array = np.asarray(devices).reshape(shape)
+    granules, are_slices = _granules(devices)
+    if granules > 1:
+        across = split_across_granules(shape, granules)
+        inside = tuple(s // a for s, a in zip(shape, across))
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            inside, across, devices, process_is_granule=not are_slices
+        )
+    else:
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            # Topologies mesh_utils has no layout for: fall back to the plain device order.
+            device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

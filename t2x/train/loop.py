@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from t2x.checkpoint import Checkpointer, check_data_state
 from t2x.components import build
-from t2x.config import Config, to_dict
+from t2x.config import Config, DistributedConfig, to_dict, to_yaml
 from t2x.data.pipeline import TrainBatches, check_data, positions_to_state, state_to_positions
 from t2x.data.sources import Source
 from t2x.evaluate import Evaluator
@@ -22,6 +23,7 @@ from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.parallel import host_to_global, process_row_range, sharding_context
 from t2x.rundir import CHECKPOINTS, check_writable, write_run_files
 from t2x.train.metrics import MetricsWriter
+from t2x.train.preemption import StopRequest
 from t2x.train.state import count_params, init_state, make_optimizer, state_shardings
 from t2x.train.step import jit_train_step, make_train_step
 
@@ -77,9 +79,17 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     checkpoint is read or written, and the run's files are rewritten only once the
     checkpoint it resumes from has been accepted.
 
+    SIGTERM (or Ctrl-C) stops the run at a step every process agrees on, after saving it;
+    rerunning resumes.
+
     Returns:
-      The final held-out evaluation: loss, perplexity, bits_per_byte, tokens, bytes, step.
+      The final held-out evaluation (loss, perplexity, bits_per_byte, tokens, bytes,
+      step), or ``{"preempted": True, "step": N}`` when stopped early.
     """
+    if jax.process_count() > 1:  # every process must run the same config (its process id aside)
+        shared = to_yaml(dataclasses.replace(cfg, distributed=DistributedConfig()))
+        digest = np.frombuffer(hashlib.sha256(shared.encode()).digest()[:8], np.int32)
+        multihost_utils.assert_equal(digest, "the processes of this job were started with different configs")
     s = build(cfg, devices=devices)
     train_source = Source(cfg.data, "train")
     check_data(train_source, cfg.data, every_shard=True)
@@ -113,16 +123,18 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
             writer = MetricsWriter(run_dir, enabled=primary)
             if latest is not None:  # later records of steps after `latest` supersede earlier ones
                 writer.write("resume", latest, {})
+            stop = StopRequest()
             try:
-                return _loop(cfg, s, state, batches, step, evaluator, checkpointer, writer, data_meta, primary)
+                return _loop(cfg, s, state, batches, step, evaluator, checkpointer, writer, data_meta, primary, stop)
             finally:
+                stop.close()
                 writer.close()
                 batches.close()
         finally:
             checkpointer.close()
 
 
-def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, data_meta, primary):
+def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, data_meta, primary, stop):
     steps, batch_size, seq_len = cfg.train.steps, cfg.train.global_batch_size, cfg.data.seq_len
     flops_per_step = training_flops_per_step(cfg.model, batch_size, seq_len)
     peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
@@ -163,6 +175,12 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
         return result
 
     for step in range(first, steps):
+        if stop(step):
+            flush()
+            save()
+            bar.close()
+            log.info("stopping at step %d on request; rerun the same command to resume", step)
+            return {"preempted": True, "step": step}
         batch = host_to_global(next(batches), s.mesh, batch_size)
         state, metrics = train_step(state, batch)
         done = step + 1

@@ -11,12 +11,13 @@ restores onto another.
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from t2x.config import CheckpointConfig, ConfigError
 from t2x.train.state import TrainState
@@ -41,9 +42,11 @@ class Checkpointer:
       read_only: open existing checkpoints without the right to write or delete.
     """
 
-    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig | None = None, read_only: bool = False):
         cfg = cfg or CheckpointConfig()
-        self.directory = pathlib.Path(directory).absolute()
+        directory = str(directory)
+        # Local paths made absolute; remote ones (gs://...) as they are.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         if read_only:  # never deletes or cleans up: a training run may be writing here
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         else:

@@ -321,10 +321,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+        text = _read_text(str(path))
         try:
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.create(text))
         except Exception as e:  # YAML syntax errors come in several types
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
@@ -336,6 +335,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe_omegaconf_error(e, path)) from None
+
+
+def _read_text(path: str) -> str:
+    """A config file's text, local or remote (``gs://``, read through tf.io.gfile)."""
+    if "://" not in path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with tf.io.gfile.GFile(path) as f:
+        return f.read()
 
 
 def _describe_omegaconf_error(e: OmegaConfBaseException, path) -> str:

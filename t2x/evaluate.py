@@ -9,6 +9,7 @@ different tokenizers compare. Sums are accumulated in float64 on the host.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -123,7 +124,7 @@ def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=N
         abstract, logical = abstract_params(c.model, cfg.data.seq_len)
         shardings = logical_to_shardings(logical, abstract, c.mesh)
         evaluator = Evaluator(cfg, c.tokenizer, c.model, c.mesh, shardings)
-        checkpointer = Checkpointer(run_dir / CHECKPOINTS, read_only=True)
+        checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINTS), read_only=True)
         try:
             params, step = checkpointer.restore_params(step, abstract, shardings)
         finally:

@@ -5,13 +5,16 @@
     RUN_DIR/checkpoints/       Orbax checkpoints, one folder per step
     RUN_DIR/metrics.jsonl      one JSON object per logged train or eval point
     RUN_DIR/tensorboard/       event files (train/, eval/)
+
+A run directory may be local or on any filesystem ``tf.io.gfile`` reaches (``gs://``
+for a TPU pod, whose hosts must all see it); paths are therefore plain strings.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
-import tempfile
+
+import tensorflow as tf
 
 from t2x.config import Config, ConfigError, load_config, to_yaml
 
@@ -20,35 +23,35 @@ TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "wb") as f:
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def check_writable(cfg: Config) -> pathlib.Path:
+def check_writable(cfg: Config) -> str:
     """Create the run directory if needed and make sure files can be written in it."""
-    path = pathlib.Path(cfg.train.run_dir)
+    path = cfg.train.run_dir
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"train.run_dir {str(path)!r} is not writable ({e.strerror or e}); choose another directory"
-        ) from None
+        tf.io.gfile.makedirs(path)
+        with tf.io.gfile.GFile(probe, "wb") as f:
+            f.write(b"")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        raise ConfigError(f"train.run_dir {path!r} is not writable ({reason}); choose another directory") from None
     return path
 
 
-def write_run_files(path: pathlib.Path, cfg: Config, tokenizer_proto: bytes) -> None:
+def write_run_files(path: str, cfg: Config, tokenizer_proto: bytes) -> None:
     """Record the resolved config and the tokenizer in the run directory."""
-    _write_atomic(path / CONFIG_FILE, to_yaml(cfg).encode())
-    _write_atomic(path / TOKENIZER_FILE, tokenizer_proto)
+    _write_atomic(os.path.join(path, CONFIG_FILE), to_yaml(cfg).encode())
+    _write_atomic(os.path.join(path, TOKENIZER_FILE), tokenizer_proto)
 
 
-def load_run(target: str, overrides: list[str]) -> tuple[Config, pathlib.Path]:
+def load_run(target: str, overrides: list[str]) -> tuple[Config, str]:
     """Config and run directory from a run directory or a config file.
 
     Args:
@@ -56,17 +59,16 @@ def load_run(target: str, overrides: list[str]) -> tuple[Config, pathlib.Path]:
         ``train.run_dir`` names the run.
       overrides: dotted ``key=value`` overrides applied on top.
     """
-    if os.path.isdir(target):
+    if tf.io.gfile.isdir(target):
         config_path = os.path.join(target, CONFIG_FILE)
-        if not os.path.isfile(config_path):
+        if not tf.io.gfile.exists(config_path):
             raise ConfigError(f"{target} is not a run directory: it has no {CONFIG_FILE}")
-        cfg = load_config(config_path, overrides)
-        return cfg, pathlib.Path(target)
+        return load_config(config_path, overrides), target
     cfg = load_config(target, overrides)
-    return cfg, pathlib.Path(cfg.train.run_dir)
+    return cfg, cfg.train.run_dir
 
 
-def tokenizer_spec(cfg: Config, run_dir: pathlib.Path) -> str:
+def tokenizer_spec(cfg: Config, run_dir: str) -> str:
     """The run's own copy of its tokenizer when it has one, else the configured spec."""
-    own = run_dir / TOKENIZER_FILE
-    return str(own) if own.is_file() else cfg.data.tokenizer
+    own = os.path.join(run_dir, TOKENIZER_FILE)
+    return own if tf.io.gfile.exists(own) else cfg.data.tokenizer

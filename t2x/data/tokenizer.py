@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 import random
 from collections.abc import Iterable, Iterator
 
 import sentencepiece as spm
+import tensorflow as tf
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_TRAINING_LINES = 2_000_000
@@ -62,7 +62,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, m
     Returns:
       Path of the ``.model`` file.
     """
-    pathlib.Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.dirname(output_prefix):
+        tf.io.gfile.makedirs(os.path.dirname(output_prefix))
     model = io.BytesIO()
     try:
         _train(texts, vocab_size, model_type, model)
@@ -70,11 +71,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, m
         raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {e}") from None
     path = f"{output_prefix}.model"
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(model.getvalue())
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(f"{output_prefix}.vocab", "w", encoding="utf-8") as f:
+    with tf.io.gfile.GFile(f"{output_prefix}.vocab", "w") as f:
         for i in range(processor.get_piece_size()):
             piece = processor.id_to_piece(i).replace("\n", "\\n")  # one line per piece
             f.write(f"{piece}\t{processor.get_score(i)}\n")
@@ -145,7 +146,7 @@ def resolve_tokenizer(spec: str) -> str:
         if not size.isdigit():
             raise TokenizerError(f"data.tokenizer {spec!r}: builtin:N needs a number of pieces N")
         return builtin_tokenizer_path(int(size))
-    if not os.path.isfile(spec):
+    if not tf.io.gfile.exists(spec):
         raise TokenizerError(
             f"data.tokenizer: no SentencePiece model at {spec!r}; train one with "
             "`t2x tokenizer train` or use builtin:N"
@@ -156,7 +157,7 @@ def resolve_tokenizer(spec: str) -> str:
 def load_tokenizer(spec: str) -> Tokenizer:
     """Load the tokenizer a spec names (a ``.model`` path or ``builtin:N``)."""
     path = resolve_tokenizer(spec)
-    with open(path, "rb") as f:
+    with tf.io.gfile.GFile(path, "rb") as f:
         proto = f.read()
     try:
         return Tokenizer(proto, source=path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -101,7 +102,7 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
         abstract, shardings = state_shardings(s.model, tx, s.mesh, seq_len)
         evaluator = Evaluator(cfg, s.tokenizer, s.model, s.mesh, shardings.params)
         run_dir = check_writable(cfg)
-        checkpointer = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint)
+        checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINTS), cfg.checkpoint)
         try:
             latest = checkpointer.latest_step()
             if latest is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 
 import tensorflow as tf
@@ -15,11 +15,11 @@ class MetricsWriter:
     launch continues: records of later steps supersede earlier ones. A disabled writer
     (other processes) does nothing."""
 
-    def __init__(self, run_dir: pathlib.Path, enabled: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True):
         self.enabled = enabled
         self._run_dir = run_dir
         self._writers: dict[str, tf.summary.SummaryWriter] = {}
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self._jsonl = tf.io.gfile.GFile(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
 
     def write(self, split: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -31,7 +31,7 @@ class MetricsWriter:
         if not scalars:
             return
         if split not in self._writers:
-            self._writers[split] = tf.summary.create_file_writer(str(self._run_dir / "tensorboard" / split))
+            self._writers[split] = tf.summary.create_file_writer(os.path.join(self._run_dir, "tensorboard", split))
         with self._writers[split].as_default(step=step):
             for name, value in scalars.items():
                 tf.summary.scalar(name, value)

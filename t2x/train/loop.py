@@ -94,6 +94,12 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
     s = build(cfg, devices=devices)
     train_source = Source(cfg.data, "train")
     check_data(train_source, cfg.data, every_shard=True)
+    if jax.process_count() > 1 and 0 < len(train_source.files) < cfg.data.num_shards:
+        log.warning(
+            "%s has fewer files than data.num_shards (%d): every process reads all of them and keeps its "
+            "shards' records; split the data into at least %d files so each process reads only its own",
+            train_source.description, cfg.data.num_shards, cfg.data.num_shards,
+        )
     tx, schedule = make_optimizer(cfg)
     primary = jax.process_index() == 0
     batch_size, seq_len = cfg.train.global_batch_size, cfg.data.seq_len

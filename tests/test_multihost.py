@@ -55,6 +55,12 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
+def results(out: str) -> list[dict]:
+    """The JSON lines the processes printed (local.sh tags other processes' lines)."""
+    lines = [line.split("] ", 1)[-1] if line.startswith("[process") else line for line in out.splitlines()]
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
 def wait_for_steps(run_dir, count, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -103,7 +109,7 @@ def test_sigterm_to_one_process_checkpoints_both_and_resume_continues_the_curve(
     os.kill(int(workers[0]), signal.SIGTERM)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 0, err[-3000:]
-    stopped = [json.loads(line.split("] ", 1)[-1]) for line in out.splitlines() if "preempted" in line]
+    stopped = results(out)
     assert len(stopped) == 2 and stopped[0] == stopped[1] and stopped[0]["preempted"]
     at = stopped[0]["step"]
     assert 4 <= at < 40
@@ -112,7 +118,7 @@ def test_sigterm_to_one_process_checkpoints_both_and_resume_continues_the_curve(
     resumed = local_job(run, *steps)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["step"] == 40
+    assert [r["step"] for r in results(out)] == [40, 40]
     reference = tmp_path / "reference"
     train(tiny_config(reference, *steps, *MESH))
     ref, got = losses(reference), losses(run)

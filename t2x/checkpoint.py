@@ -93,6 +93,11 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it has steps {steps}")
         return step
 
+    def data_state(self, step: int | None) -> dict:
+        """The input pipeline's position and settings stored with ``step`` (None: latest)."""
+        step = self._check_step(step)
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+
     def restore(self, step: int | None, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
         """Restore the train state onto ``shardings`` and the data position of ``step`` (None: latest)."""
         step = self._check_step(step)

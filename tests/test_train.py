@@ -191,3 +191,12 @@ def test_resume_with_other_data_settings_is_refused_and_keeps_the_run(tmp_path):
         train(tiny_config(tmp_path, "train.steps=4", "train.seed=1"))
     assert (tmp_path / "config.yaml").read_text() == recorded
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+
+
+def test_capped_eval_over_long_documents_reports_no_bits_per_byte(tmp_path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("\n".join(" ".join(f"word{i}{j}" for j in range(400)) for i in range(6)) + "\n")
+    cfg = tiny_config(tmp_path / "run", "data.source=files", f"data.train_files=[{corpus}]",
+                      f"data.eval_files=[{corpus}]", "data.num_shards=2", "eval.max_batches=1", "train.steps=2")
+    result = train(cfg)
+    assert result["bits_per_byte"] is None and result["bytes"] == 0 and result["tokens"] > 0

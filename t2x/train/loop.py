@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or gradient became NaN or infinite; nothing from that step was saved."""
+    """The loss, gradient or parameters became NaN or infinite; nothing from that step was saved."""
 
 
 def _data_meta(cfg: Config, source: Source, tokenizer) -> dict[str, Any]:
@@ -116,8 +116,8 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
                 positions = None
                 log.info("initialized %s parameters", f"{count_params(state.params):,}")
             else:
+                check_data_state(checkpointer.data_state(latest), data_meta)  # before the (large) restore
                 state, data_state = checkpointer.restore(latest, abstract, shardings)
-                check_data_state(data_state, data_meta)
                 positions = state_to_positions(data_state["shards"])
                 log.info("resumed %s from step %d", run_dir, latest)
             if primary:
@@ -165,7 +165,6 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
                     f"parameter norm {float(m['param_norm'])}); the last checkpoint is untouched. Lower optim.lr, "
                     "set optim.clip_norm, or set train.on_nonfinite=skip"
                 )
-        return fetched
 
     def save():
         data_state = {**data_meta, "shards": _gather_positions(batches.positions, cfg.data.num_shards).tolist()}
@@ -176,8 +175,9 @@ def _loop(cfg, s, state, batches, train_step, evaluator, checkpointer, writer, d
         result = {**evaluator(state.params), "step": step}
         writer.write("eval", step, {k: v for k, v in result.items() if k != "step"})
         if primary:
-            log.info("eval at step %d: loss %.4f, perplexity %.3f, bits/byte %.4f",
-                     step, result["loss"], result["perplexity"], result["bits_per_byte"])
+            bpb = result["bits_per_byte"]
+            log.info("eval at step %d: loss %.4f, perplexity %.3f, bits/byte %s", step, result["loss"],
+                     result["perplexity"], "n/a" if bpb is None else f"{bpb:.4f}")
         window.restart_clock()
         return result
 

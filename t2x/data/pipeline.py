@@ -19,7 +19,6 @@ uninterrupted run would have read.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf

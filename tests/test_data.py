@@ -10,6 +10,7 @@ import tensorflow as tf
 from t2x.config import DataConfig
 from t2x.data import DataError, Source, load_tokenizer
 from t2x.data.pipeline import (
+    RowLayout,
     ShardPosition,
     TrainBatches,
     check_data,
@@ -17,7 +18,8 @@ from t2x.data.pipeline import (
     positions_to_state,
     state_to_positions,
 )
-from t2x.data.sources import DataStats, read_texts
+from t2x.data.reader import DataStats
+from t2x.data.sources import read_texts
 
 TOKENIZER = "builtin:512"
 
@@ -66,9 +68,9 @@ def test_builtin_corpus_builds_with_a_fixed_held_out_split(tokenizer):
 def test_batches_are_deterministic_and_seed_dependent(tokenizer):
     cfg = config()
     source = Source(cfg, "train")
-    a = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, row_range=(0, 8)), 4)
-    b = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, row_range=(0, 8)), 4)
-    c = take(TrainBatches(source, tokenizer, cfg, 8, seed=1, row_range=(0, 8)), 4)
+    a = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, rows=range(8)), 4)
+    b = take(TrainBatches(source, tokenizer, cfg, 8, seed=0, rows=range(8)), 4)
+    c = take(TrainBatches(source, tokenizer, cfg, 8, seed=1, rows=range(8)), 4)
     assert_batches_equal(a, b)
     assert not np.array_equal(a[0]["tokens"], c[0]["tokens"])
     assert a[0]["tokens"].shape == (8, 16) and a[0]["num_bytes"].shape == (8,)
@@ -78,10 +80,10 @@ def test_batches_are_deterministic_and_seed_dependent(tokenizer):
 def test_global_batch_does_not_depend_on_the_process_count(tokenizer, processes):
     cfg = config()
     source = Source(cfg, "train")
-    whole = take(TrainBatches(source, tokenizer, cfg, 8, seed=3, row_range=(0, 8)), 5)
+    whole = take(TrainBatches(source, tokenizer, cfg, 8, seed=3, rows=range(8)), 5)
     per_process = 8 // processes
     parts = [
-        take(TrainBatches(source, tokenizer, cfg, 8, seed=3, row_range=(p * per_process, (p + 1) * per_process)), 5)
+        take(TrainBatches(source, tokenizer, cfg, 8, seed=3, rows=range(p * per_process, (p + 1) * per_process)), 5)
         for p in range(processes)
     ]
     joined = [{k: np.concatenate([part[i][k] for part in parts]) for k in whole[i]} for i in range(5)]
@@ -93,14 +95,14 @@ def test_resume_reads_exactly_what_the_uninterrupted_run_reads(tmp_path, tokeniz
     path = write_jsonl(tmp_path / "train.jsonl", docs(40, max_words=10))
     cfg = config(source="files", train_files=(path,), num_shards=2, block_docs=4, doc_shuffle_buffer=8)
     source = Source(cfg, "train")
-    straight = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4))
+    straight = TrainBatches(source, tokenizer, cfg, 4, seed=5, rows=range(4))
     expected = take(straight, 40)
     assert {p.epoch for p in straight.positions.values()} != {0}, "the run should reach a second epoch"
     for stop in (1, 7, 23):
-        first = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4))
+        first = TrainBatches(source, tokenizer, cfg, 4, seed=5, rows=range(4))
         take(first, stop)
         state = positions_to_state(first.positions, cfg.num_shards)
-        resumed = TrainBatches(source, tokenizer, cfg, 4, seed=5, row_range=(0, 4), positions=state_to_positions(state))
+        resumed = TrainBatches(source, tokenizer, cfg, 4, seed=5, rows=range(4), positions=state_to_positions(state))
         assert_batches_equal(take(resumed, 40 - stop), expected[stop:])
 
 
@@ -110,7 +112,7 @@ def test_eval_covers_every_document_once(tmp_path, tokenizer):
     for num_shards, batch in ((1, 2), (4, 8)):
         cfg = config(source="files", train_files=(path,), eval_files=(path,), num_shards=num_shards)
         stats = DataStats()
-        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, batch, (0, batch), stats)
+        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, batch, range(batch), stats)
         tokens, total_bytes, steps = [], 0, 0
         for b in dataset.as_numpy_iterator():
             if not b["segment_ids"].any():
@@ -138,8 +140,8 @@ def test_text_tfrecord_and_gzip_sources_read_the_same_documents(tmp_path, tokeni
     assert list(read_texts([str(tmp_path / "b.txt.gz")])) == texts[6:]
     assert list(read_texts([str(tmp_path / "c.tfrecord")])) == texts
     whole = DataConfig(source="files", train_files=(str(tmp_path / "a.txt"),), text_unit="file")
-    [record] = list(Source(whole, "train").shard_fn(0, 1, 0, False)(0).as_numpy_iterator())
-    assert record.decode() == "\n".join(texts[:6]) + "\n"
+    [(record, separator)] = list(Source(whole, "train").shard_fn(0, 1, 0, False, DataStats())(0).as_numpy_iterator())
+    assert record.decode() == "\n".join(texts[:6]) + "\n" and separator == 0
 
 
 def test_tfds_source_reads_the_text_feature(tokenizer):
@@ -147,7 +149,7 @@ def test_tfds_source_reads_the_text_feature(tokenizer):
 
     with tfds.testing.mock_data(num_examples=12):
         cfg = config(source="tfds", tfds_name="lm1b", train_split="train", num_shards=2)
-        batch = next(TrainBatches(Source(cfg, "train"), tokenizer, cfg, 4, seed=0, row_range=(0, 4)))
+        batch = next(TrainBatches(Source(cfg, "train"), tokenizer, cfg, 4, seed=0, rows=range(4)))
     assert batch["tokens"].shape == (4, 16)
     assert (batch["segment_ids"] > 0).sum() > 0
 
@@ -160,7 +162,7 @@ def test_invalid_utf8_is_replaced_or_skipped_and_counted(tmp_path, tokenizer):
         cfg = config(source="files", train_files=(str(tmp_path / "mixed.txt"),), eval_files=(str(tmp_path / "mixed.txt"),),
                      num_shards=1, invalid_utf8=policy)
         stats = DataStats()
-        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, 2, (0, 2), stats)
+        dataset = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, 2, range(2), stats)
         eos = 0
         for b in dataset.as_numpy_iterator():
             if not b["segment_ids"].any():
@@ -171,14 +173,13 @@ def test_invalid_utf8_is_replaced_or_skipped_and_counted(tmp_path, tokenizer):
 
 
 def test_malformed_jsonl_lines_are_skipped_and_counted(tmp_path, tokenizer):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "fine"}\nnot json\n{"other": 1}\n{"text": 5}\n\n{"text": "also fine"}\n')
+    lines = [b'{"text": "fine"}', b"not json", b'{"other": 1}', b'{"text": 5}', b"[1]", b'{"text": "also fine"}']
     stats = DataStats()
     from t2x.data.sources import decode_records
 
-    texts = decode_records([line.encode() for line in path.read_text().split("\n")], "jsonl", "text", "replace", stats)
-    assert texts == ["fine", "also fine"]
-    assert stats.as_dict()["bad_records"] == 3
+    texts, separators = decode_records(lines, [1] * len(lines), "jsonl", "text", "replace", stats)
+    assert texts == ["fine", "also fine"] and separators == [0, 0]  # a JSONL line's newline is not text
+    assert stats.as_dict()["bad_records"] == 4
 
 
 def test_missing_files_and_empty_corpora_are_reported(tmp_path, tokenizer):
@@ -223,10 +224,21 @@ def test_files_are_balanced_across_shards_by_size():
     assert assign_files([5, 5, 5], 3) == [[0], [1], [2]]
 
 
-def test_process_rows_must_align_with_shards(tokenizer):
-    cfg = config()
-    with pytest.raises(DataError, match="data.num_shards"):
-        TrainBatches(Source(cfg, "train"), tokenizer, cfg, 8, seed=0, row_range=(0, 3))
+def test_interleaved_processes_read_their_rows_and_join_into_the_whole_batch(tokenizer):
+    """A pod's topology can give a process every other pair of rows: it reads the shards
+    those rows come from and keeps exactly its rows, in order."""
+    cfg = config()  # 4 shards of 2 rows in a batch of 8
+    source = Source(cfg, "train")
+    whole = take(TrainBatches(source, tokenizer, cfg, 8, seed=3, rows=range(8)), 3)
+    mine, theirs = [0, 1, 4, 5], [2, 3, 6, 7]
+    layout = RowLayout(8, 4, [5, 0, 4, 1])
+    assert layout.shards == [0, 2] and layout.take == [0, 1, 2, 3]
+    assert RowLayout(8, 4, [1, 5]).take == [1, 3]  # half of two shards: rows 1 and 5
+    for rows in (mine, theirs, [1, 5]):
+        part = take(TrainBatches(source, tokenizer, cfg, 8, seed=3, rows=rows), 3)
+        for got, want in zip(part, whole):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key][rows])
 
 
 def test_positions_round_trip():

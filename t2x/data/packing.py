@@ -13,20 +13,22 @@ import numpy as np
 
 
 def pack_documents(
-    documents: list[list[int]], num_bytes: list[int], seq_len: int, eos_id: int
+    documents: list[list[int]], token_bytes: list[np.ndarray], seq_len: int, eos_id: int
 ) -> dict[str, np.ndarray]:
     """Concatenate-and-split packing.
 
     Args:
       documents: token ids of each document, without EOS.
-      num_bytes: UTF-8 byte count of each document's text.
+      token_bytes: for each document, the bytes of text each of its tokens stands for,
+        followed by the bytes its EOS stands for (the separator that ended it in its
+        file): ``len(documents[i]) + 1`` integers.
       seq_len: tokens per row.
       eos_id: appended to every document.
 
     Returns:
       ``tokens``, ``segment_ids``, ``positions``: int32 [rows, seq_len], and
-      ``num_bytes``: int32 [rows], the bytes of the documents whose EOS is in that row,
-      so that summing over rows counts every document once.
+      ``num_bytes``: int32 [rows], the bytes of text the row's tokens stand for, so that
+      any set of whole rows counts exactly the bytes of the tokens in it.
     """
     if not documents:
         empty = np.zeros((0, seq_len), np.int32)
@@ -50,9 +52,9 @@ def pack_documents(
     start_column = np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
     positions = np.where(padding, 0, columns - start_column).astype(np.int32)
 
-    last_token = np.cumsum(lengths) - 1
-    row_bytes = np.zeros(num_rows, np.int64)
-    np.add.at(row_bytes, last_token // seq_len, np.asarray(num_bytes, np.int64))
+    flat_bytes = np.zeros(num_rows * seq_len, np.int64)
+    flat_bytes[:total] = np.concatenate(token_bytes)
+    row_bytes = flat_bytes.reshape(num_rows, seq_len).sum(axis=1)
     return {
         "tokens": tokens,
         "segment_ids": segment_ids,

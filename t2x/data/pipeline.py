@@ -2,9 +2,10 @@
 
 Layout. The data is cut into ``num_shards`` logical shards. Each step, shard ``k``
 supplies rows ``[k * R, (k + 1) * R)`` of the global batch, ``R = global_batch_size /
-num_shards``. A process builds only the shards whose rows land on its devices, so the
-global batch at a step depends on the data, the seed and the step alone, never on how
-many processes read it.
+num_shards``. A process builds only the shards holding rows that land on its devices,
+whatever their order in the mesh, and keeps exactly those rows, so the global batch at
+a step depends on the data, the seed and the step alone, never on how many processes
+read it.
 
 One shard, per epoch: read records (file order shuffled per epoch) -> seeded document
 shuffle buffer -> blocks of ``block_docs`` documents -> decode, tokenize and pack each
@@ -18,14 +19,18 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from t2x.config import DataConfig
 from t2x.data.packing import pack_documents
-from t2x.data.sources import DataError, DataStats, Source, decode_records
+from t2x.data.reader import DataError, DataStats
+from t2x.data.sources import Source, decode_records
 from t2x.data.tokenizer import Tokenizer
 
 try:  # tf.data only: keep TensorFlow off accelerators that JAX owns.
@@ -33,6 +38,8 @@ try:  # tf.data only: keep TensorFlow off accelerators that JAX owns.
     tf.config.set_visible_devices([], "TPU")
 except (RuntimeError, ValueError):
     pass
+
+log = logging.getLogger(__name__)
 
 ROW_FEATURES = ("tokens", "segment_ids", "positions", "num_bytes")
 _META = "meta"  # per row: epoch, block, row within block, rows in block
@@ -48,23 +55,53 @@ class ShardPosition:
     row: int = 0
 
 
-def local_shards(global_batch_size: int, num_shards: int, row_start: int, row_end: int) -> range:
-    """Logical shards whose rows fall in ``[row_start, row_end)`` of the global batch."""
-    rows_per_shard = global_batch_size // num_shards
-    if row_start % rows_per_shard or row_end % rows_per_shard:
-        raise DataError(
-            f"this process holds batch rows [{row_start}, {row_end}), which do not align with data shards of "
-            f"{rows_per_shard} rows; choose data.num_shards so that the process count divides it"
-        )
-    return range(row_start // rows_per_shard, row_end // rows_per_shard)
+class RowLayout:
+    """Which logical shards a process reads, and which of their rows it keeps.
+
+    Args:
+      global_batch_size: rows per global batch.
+      num_shards: logical shards; each supplies ``global_batch_size / num_shards`` rows.
+      rows: the global row indices this process's devices hold. They need not be
+        contiguous: a mesh laid over a pod's physical topology can interleave hosts.
+        The kept rows come out in ascending order, as
+        ``jax.make_array_from_process_local_data`` expects them.
+    """
+
+    def __init__(self, global_batch_size: int, num_shards: int, rows: Sequence[int]):
+        rows = sorted(int(r) for r in rows)
+        self.rows_per_shard = global_batch_size // num_shards
+        self.shards = sorted({r // self.rows_per_shard for r in rows})
+        slot = {shard: i for i, shard in enumerate(self.shards)}
+        # Index of each kept row among the rows of this process's shards, laid end to end.
+        self.take = [slot[r // self.rows_per_shard] * self.rows_per_shard + r % self.rows_per_shard for r in rows]
+
+    def select(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """Batches of this process's shards -> batches of its rows (the meta column stays whole)."""
+        if self.take == list(range(len(self.shards) * self.rows_per_shard)):
+            return dataset
+        take = tf.constant(self.take, tf.int64)
+        return dataset.map(lambda batch: {k: v if k == _META else tf.gather(v, take) for k, v in batch.items()})
 
 
-def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, fmt: str, shard: int, seed: int, shuffle: bool, stats):
-    def pack_block(records, epoch, block):
-        texts = decode_records(list(records), fmt, cfg.text_key, cfg.invalid_utf8, stats)
-        rows = pack_documents(
-            tokenizer.encode(texts), [len(t.encode("utf-8")) for t in texts], cfg.seq_len, tokenizer.eos_id
+@contextlib.contextmanager
+def data_errors(stats: DataStats):
+    """Turn the tf.data error that a strict-mode ``DataError`` raised inside the pipeline
+    became back into that ``DataError``."""
+    try:
+        yield
+    except tf.errors.OpError:
+        if stats.first_error is not None:
+            raise stats.first_error from None
+        raise
+
+
+def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: int, seed: int, shuffle: bool, stats):
+    def pack_block(records, separators, epoch, block):
+        texts, separators = decode_records(
+            list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
         )
+        documents = tokenizer.encode(texts)
+        rows = pack_documents(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer.eos_id)
         count = len(rows["num_bytes"])
         if shuffle and count > 1:
             order = np.random.default_rng([seed, shard, int(epoch), int(block)]).permutation(count)
@@ -93,21 +130,23 @@ def shard_rows(
     pass in file order.
     """
     shuffle = train and cfg.shuffle
-    read = source.shard_fn(shard, cfg.num_shards, seed, shuffle_files=shuffle)
-    packer = _block_packer(tokenizer, cfg, source.format, shard, seed, shuffle, stats)
+    read = source.shard_fn(shard, cfg.num_shards, seed, shuffle_files=shuffle, stats=stats)
+    packer = _block_packer(tokenizer, cfg, source, shard, seed, shuffle, stats)
     seq_len = cfg.seq_len
 
     def epoch_blocks(epoch):
-        records = read(epoch).filter(lambda r: tf.strings.length(r) > 0)
+        records = read(epoch)
         if shuffle and cfg.doc_shuffle_buffer:
             doc_seed = tf.constant(seed * 1_000_003 + shard * 7919, tf.int64) + epoch * 104_729
             records = records.shuffle(cfg.doc_shuffle_buffer, seed=doc_seed, reshuffle_each_iteration=False)
         blocks = records.batch(cfg.block_docs).enumerate()
         blocks = blocks.skip(tf.where(epoch == start.epoch, tf.constant(start.block, tf.int64), 0))
-        return blocks.map(lambda block, recs: (epoch, block, recs))
+        return blocks.map(lambda block, recs: (epoch, block, recs[0], recs[1]))
 
-    def pack(epoch, block, records):
-        outputs = tf.numpy_function(packer, [records, epoch, block], [tf.int32] * 4 + [tf.int64], stateful=False)
+    def pack(epoch, block, records, separators):
+        outputs = tf.numpy_function(
+            packer, [records, separators, epoch, block], [tf.int32] * 4 + [tf.int64], stateful=False
+        )
         tokens, segment_ids, positions, num_bytes, meta = outputs
         for x in (tokens, segment_ids, positions):
             x.set_shape([None, seq_len])
@@ -129,20 +168,27 @@ def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_warm_start = True
+    # Only the packer needs parallel calls (it says so). Maps tf.data would parallelize
+    # on its own can leave an iterator that met an error unable to shut down.
+    options.experimental_optimization.map_parallelization = False
     return options
 
 
 SCAN_RECORDS = 10_000  # records read per shard, at most, to find usable text before a run
 
 
-def _shard_has_text(source: Source, cfg: DataConfig, shard: int) -> tuple[bool, int]:
+def _shard_has_text(source: Source, cfg: DataConfig, shard: int, stats: DataStats) -> tuple[bool, int]:
     """(whether the shard's first records hold usable text, how many records were read)."""
-    records = source.shard_fn(shard, cfg.num_shards, 0, False)(0).filter(lambda r: tf.strings.length(r) > 0)
+    records = source.shard_fn(shard, cfg.num_shards, 0, False, stats)(0)
     read = 0
-    for batch in records.take(SCAN_RECORDS).batch(1024).as_numpy_iterator():
-        read += len(batch)
-        if decode_records(list(batch), source.format, cfg.text_key, cfg.invalid_utf8):
-            return True, read
+    with data_errors(stats):
+        for batch, separators in records.take(SCAN_RECORDS).batch(1024).as_numpy_iterator():
+            read += len(batch)
+            texts, _ = decode_records(
+                list(batch), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
+            )
+            if texts:
+                return True, read
     return False, read
 
 
@@ -153,35 +199,45 @@ def check_data(source: Source, cfg: DataConfig, every_shard: bool) -> None:
       source: a split.
       cfg: data config (shards, format, text field, UTF-8 policy).
       every_shard: training needs text in every logical shard (each supplies rows to
-        every batch); evaluation needs it somewhere in the split.
+        every batch); evaluation needs it somewhere in the split, and gets a warning when
+        most shards are empty (its batches would be mostly padding).
 
     Raises:
       DataError: naming the shard and what to check.
     """
     fields = "check data.text_key (the JSONL field or tf.train.Example feature), data.format and data.invalid_utf8"
-    empty = []  # shards with no records at all
+    stats = DataStats(strict=cfg.strict)
+    empty, unusable = [], []  # shards with no records at all; with records but no text
     for shard in range(cfg.num_shards):
-        usable, read = _shard_has_text(source, cfg, shard)
+        usable, read = _shard_has_text(source, cfg, shard, stats)
         if usable:
-            if not every_shard:
-                return
-        elif read and every_shard:
+            continue
+        if read and every_shard:
             raise DataError(
                 f"the first {read:,} records of logical data shard {shard} in {source.description} hold "
                 f"no usable text; {fields}"
             )
-        elif not read:
-            empty.append(shard)
-    if every_shard and not empty:
+        (unusable if read else empty).append(shard)
+    idle = len(empty) + len(unusable)
+    if idle == 0:
         return
     if len(empty) == cfg.num_shards:
         raise DataError(f"{source.description} has no documents: the corpus is empty")
-    if not every_shard:
+    if every_shard:
+        raise DataError(
+            f"logical data shards {empty} of {cfg.num_shards} have no documents in {source.description}: "
+            "the corpus is too small for data.num_shards; lower it"
+        )
+    if idle == cfg.num_shards:
         raise DataError(f"{source.description} has no usable text to evaluate; {fields}")
-    raise DataError(
-        f"logical data shards {empty} of {cfg.num_shards} have no documents in {source.description}: "
-        "the corpus is too small for data.num_shards; lower it"
-    )
+    if 2 * idle >= cfg.num_shards:
+        log.warning(
+            "%s: only %d of %d logical data shards hold documents (%s), so evaluation batches are mostly "
+            "padding and take up to %dx longer; evaluate with a lower data.num_shards",
+            source.description, cfg.num_shards - idle, cfg.num_shards,
+            "fewer files than shards, read whole" if source.cfg.text_unit == "file" else "a small split",
+            cfg.num_shards // max(cfg.num_shards - idle, 1),
+        )
 
 
 class TrainBatches:
@@ -196,7 +252,7 @@ class TrainBatches:
       cfg: data config.
       global_batch_size: rows per global batch.
       seed: run seed (shuffling).
-      row_range: ``[start, end)`` rows of the global batch this process holds.
+      rows: the rows of the global batch this process holds (``process_rows``).
       positions: where each logical shard resumes (shard id -> position); absent: start.
     """
 
@@ -207,12 +263,13 @@ class TrainBatches:
         cfg: DataConfig,
         global_batch_size: int,
         seed: int,
-        row_range: tuple[int, int],
+        rows: Sequence[int],
         positions: dict[int, ShardPosition] | None = None,
     ):
-        self.shards = local_shards(global_batch_size, cfg.num_shards, *row_range)
-        self.rows_per_shard = global_batch_size // cfg.num_shards
-        self.stats = DataStats()
+        layout = RowLayout(global_batch_size, cfg.num_shards, rows)
+        self.shards = layout.shards
+        self.rows_per_shard = layout.rows_per_shard
+        self.stats = DataStats(strict=cfg.strict)
         positions = positions or {}
         self.positions = {k: positions.get(k, ShardPosition()) for k in self.shards}
         streams = [
@@ -221,7 +278,7 @@ class TrainBatches:
             )
             for k in self.shards
         ]
-        dataset = tf.data.Dataset.zip(tuple(streams)).map(_concat_shards).prefetch(cfg.prefetch)
+        dataset = layout.select(tf.data.Dataset.zip(tuple(streams)).map(_concat_shards)).prefetch(cfg.prefetch)
         self._iterator = dataset.with_options(_options()).as_numpy_iterator()
 
     def __iter__(self):
@@ -232,7 +289,8 @@ class TrainBatches:
         self._iterator = None
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
+        with data_errors(self.stats):
+            batch = next(self._iterator)
         meta = batch.pop(_META)
         for j, shard in enumerate(self.shards):
             epoch, block, row, rows_in_block = (int(x) for x in meta[(j + 1) * self.rows_per_shard - 1])
@@ -247,7 +305,7 @@ def eval_dataset(
     tokenizer: Tokenizer,
     cfg: DataConfig,
     global_batch_size: int,
-    row_range: tuple[int, int],
+    rows: Sequence[int],
     stats: DataStats,
     cache: bool = True,
 ) -> tf.data.Dataset:
@@ -255,22 +313,22 @@ def eval_dataset(
 
     Every document of the split is in exactly one row of one batch. Shards end at
     different steps, so each is followed by all-padding rows (``segment_ids`` 0);
-    the caller stops when every process sees only padding.
+    the caller stops when every process sees only padding. Iterate it inside
+    ``data_errors(stats)``.
     """
-    shards = local_shards(global_batch_size, cfg.num_shards, *row_range)
-    rows_per_shard = global_batch_size // cfg.num_shards
+    layout = RowLayout(global_batch_size, cfg.num_shards, rows)
     zeros = tf.zeros([cfg.seq_len], tf.int32)
     padding = tf.data.Dataset.from_tensors(
         {"tokens": zeros, "segment_ids": zeros, "positions": zeros, "num_bytes": tf.constant(0, tf.int32),
          _META: tf.constant([-1, -1, -1, -1], tf.int64)}
     ).repeat()
     streams = []
-    for k in shards:
-        rows = shard_rows(source, tokenizer, cfg, k, 0, ShardPosition(), False, stats)
+    for k in layout.shards:
+        shard = shard_rows(source, tokenizer, cfg, k, 0, ShardPosition(), False, stats)
         if cache:
-            rows = rows.cache()
-        streams.append(rows.concatenate(padding).batch(rows_per_shard))
-    dataset = tf.data.Dataset.zip(tuple(streams)).map(_concat_shards)
+            shard = shard.cache()
+        streams.append(shard.concatenate(padding).batch(layout.rows_per_shard))
+    dataset = layout.select(tf.data.Dataset.zip(tuple(streams)).map(_concat_shards))
     return dataset.map(_drop_meta).prefetch(cfg.prefetch).with_options(_options())
 
 

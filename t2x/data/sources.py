@@ -1,10 +1,11 @@
 """Raw documents from text, JSONL or TFRecord files, TFDS, or the built-in corpus.
 
 A ``Source`` is one split of one dataset, cut into a fixed number of logical shards. A
-shard is a deterministic stream of raw records (``tf.string``): whole files, balanced by
-size, go to a shard when there are at least as many files as shards; otherwise every
-shard reads all files and keeps every ``num_shards``-th record. Records become text in Python
-(``decode_records``), which counts and skips or repairs bad input instead of failing.
+shard is a deterministic stream of raw records (``tf.string``) paired with the separator
+bytes that followed each in its file: whole files, balanced by size, go to a shard when
+there are at least as many files as shards; otherwise every shard reads all files and
+keeps every ``num_shards``-th record. Records become text in Python (``decode_records``),
+which counts and skips or repairs bad input instead of failing.
 """
 
 from __future__ import annotations
@@ -13,44 +14,16 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import tensorflow as tf
 
 from t2x.config import DataConfig
+from t2x.data.reader import DataError, DataStats, records_dataset
 
 log = logging.getLogger(__name__)
 
 FORMATS_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".tfrecord": "tfrecord", ".tfrecords": "tfrecord"}
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the config key or file."""
-
-
-class DataStats:
-    """Counts of documents read and of bad records met, shared by pipeline threads."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.documents = 0
-        self.invalid_utf8 = 0  # documents with bytes that are not UTF-8 (replaced or skipped)
-        self.bad_records = 0  # JSONL lines that are not JSON objects with a text field
-
-    def add(self, documents: int = 0, invalid_utf8: int = 0, bad_records: int = 0) -> None:
-        with self._lock:
-            self.documents += documents
-            self.invalid_utf8 += invalid_utf8
-            self.bad_records += bad_records
-
-    def reset(self) -> None:
-        with self._lock:
-            self.documents = self.invalid_utf8 = self.bad_records = 0
-
-    def as_dict(self) -> dict[str, int]:
-        with self._lock:
-            return {"documents": self.documents, "invalid_utf8": self.invalid_utf8, "bad_records": self.bad_records}
 
 
 def _strip_gz(path: str) -> str:
@@ -107,47 +80,71 @@ def assign_files(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
     return [sorted(files) for files in shards]
 
 
+def _example_text(payload: bytes, text_key: str) -> bytes | None:
+    """The bytes feature ``text_key`` of a serialized ``tf.train.Example``, or None."""
+    try:
+        feature = tf.train.Example.FromString(payload).features.feature
+    except Exception:  # protobuf's DecodeError, which its public API does not export
+        return None
+    if text_key not in feature or not feature[text_key].bytes_list.value:
+        return None
+    return feature[text_key].bytes_list.value[0]
+
+
 def decode_records(
-    records: Sequence[bytes], fmt: str, text_key: str, invalid_utf8: str, stats: DataStats | None = None
-) -> list[str]:
+    records: Sequence[bytes],
+    separators: Sequence[int],
+    fmt: str,
+    text_key: str,
+    invalid_utf8: str,
+    stats: DataStats | None = None,
+    where: str = "data",
+) -> tuple[list[str], list[int]]:
     """Turn raw records into document texts, dropping what cannot be read.
 
     Args:
-      records: raw bytes: a text document, a JSONL line, or the text field of an Example.
+      records: raw bytes: a text document, a JSONL line, a serialized ``tf.train.Example``,
+        or the text of a TFDS example.
+      separators: bytes that followed each record in its file (a line's newline).
       fmt: ``text``, ``jsonl``, ``tfrecord`` or ``tfds``.
-      text_key: field holding the text in a JSONL object.
+      text_key: field holding the text in a JSONL object or Example.
       invalid_utf8: ``replace`` bad bytes with U+FFFD, or ``skip`` the document.
-      stats: counters to update.
+      stats: counters to update (and, when strict, the policy that raises).
+      where: the data's description, for warnings.
 
     Returns:
-      The non-empty document texts, in order.
+      The document texts that are not blank, and the bytes of text each one's end stands
+      for: the line separator for line-per-document text, 0 otherwise.
     """
-    texts, invalid, bad = [], 0, 0
-    for raw in records:
+    stats = stats or DataStats()
+    texts, kept = [], []
+    for raw, separator in zip(records, separators):
+        if fmt == "tfrecord":
+            raw = _example_text(raw, text_key)
+            if raw is None:
+                stats.problem("bad_records", f"{where}: a tf.train.Example without a bytes feature {text_key!r}; skipped")
+                continue
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            invalid += 1
+        except UnicodeDecodeError as e:
+            action = "skipped" if invalid_utf8 == "skip" else "repaired with U+FFFD"
+            stats.problem("invalid_utf8", f"{where}: a document has bytes that are not UTF-8 ({e.reason} at byte {e.start}); {action}")
             if invalid_utf8 == "skip":
                 continue
             text = raw.decode("utf-8", errors="replace")
         if fmt == "jsonl":
-            if not text.strip():
-                continue
             try:
-                obj = json.loads(text)
-                text = obj[text_key]
-            except (ValueError, KeyError, TypeError):
-                bad += 1
-                continue
+                text = json.loads(text)[text_key]
+            except (ValueError, KeyError, TypeError, IndexError):
+                text = None
             if not isinstance(text, str):
-                bad += 1
+                stats.problem("bad_records", f"{where}: a JSONL line that is not an object with a string field {text_key!r}; skipped")
                 continue
-        if text:
+        if text.strip():
             texts.append(text)
-    if stats is not None:
-        stats.add(documents=len(texts), invalid_utf8=invalid, bad_records=bad)
-    return texts
+            kept.append(int(separator) if fmt == "text" else 0)  # a JSONL line's newline is not text
+    stats.add_documents(len(texts))
+    return texts, kept
 
 
 class Source:
@@ -185,12 +182,6 @@ class Source:
         self.fingerprint = _fingerprint(
             [self.format, cfg.text_unit, cfg.text_key, *(f"{os.path.basename(f)}:{n}" for f, n in zip(self.files, self.sizes))]
         )
-        if self.format == "text" and cfg.text_unit == "file" and any(f.endswith(".gz") for f in self.files):
-            raise DataError(f"{key}: data.text_unit=file reads files whole and cannot read .gz files")
-        compressions = {f.endswith(".gz") for f in self.files}
-        if len(compressions) > 1:
-            raise DataError(f"{key} mixes .gz and uncompressed files; use one kind")
-        self._compression = "GZIP" if compressions.pop() else ""
 
     def _load_tfds_builder(self):
         import tensorflow_datasets as tfds
@@ -218,24 +209,17 @@ class Source:
             self._assigned = (num_shards, shards)
         return self._assigned[1]
 
-    def _read(self, files: tf.Tensor) -> tf.data.Dataset:
-        cfg = self.cfg
-        if self.format == "tfrecord":
+    def _read(self, files: tf.Tensor, stats: DataStats) -> tf.data.Dataset:
+        kind = "file" if self.format == "text" and self.cfg.text_unit == "file" else self.format
+        return records_dataset(files, kind, self.cfg.max_document_bytes, stats)
 
-            def text_of(record):
-                features = {cfg.text_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
-                return tf.io.parse_single_example(record, features)[cfg.text_key]
-
-            return tf.data.TFRecordDataset(files, compression_type=self._compression).map(text_of)
-        if self.format == "text" and cfg.text_unit == "file":
-            return tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file)
-        return tf.data.TextLineDataset(files, compression_type=self._compression)
-
-    def shard_fn(self, index: int, num_shards: int, seed: int, shuffle_files: bool) -> Callable:
-        """A function ``epoch -> tf.data.Dataset`` of the raw records of logical shard ``index``.
+    def shard_fn(self, index: int, num_shards: int, seed: int, shuffle_files: bool, stats: DataStats) -> Callable:
+        """A function ``epoch -> tf.data.Dataset`` of ``(record, separator_bytes)`` of
+        logical shard ``index``.
 
         With ``shuffle_files`` the order of the shard's files changes with each epoch
-        (seeded); the records themselves are shuffled later, in the pipeline.
+        (seeded); the records themselves are shuffled later, in the pipeline. Problems
+        met while reading are counted in ``stats``.
         """
         if self.format == "tfds":
             import tensorflow_datasets as tfds
@@ -245,7 +229,7 @@ class Source:
             text_key = self.cfg.text_key
 
             def text_of(example):
-                return example[text_key]
+                return example[text_key], tf.constant(0, tf.int32)
 
             records = records.map(text_of)
             return lambda epoch: records
@@ -259,12 +243,12 @@ class Source:
                     ordered = tf.random.experimental.stateless_shuffle(
                         files, seed=tf.stack([tf.constant(seed + 7919 * index, tf.int64), tf.cast(epoch, tf.int64)])
                     )
-                return self._read(ordered)
+                return self._read(ordered, stats)
 
             return read_shard
 
         all_files = tf.constant(self.files)
-        return lambda epoch: self._read(all_files).shard(num_shards, index)
+        return lambda epoch: self._read(all_files, stats).shard(num_shards, index)
 
 
 def _fingerprint(parts: Sequence[str]) -> str:
@@ -275,6 +259,7 @@ def read_texts(paths: Sequence[str], fmt: str = "auto", text_key: str = "text") 
     """Every document in the files (for tokenizer training), bad records skipped."""
     cfg = DataConfig(source="files", train_files=tuple(paths), format=fmt, text_key=text_key)
     source = Source(cfg, "train")
-    records = source.shard_fn(0, 1, seed=0, shuffle_files=False)(0).batch(1024)
-    for batch in records.as_numpy_iterator():
-        yield from decode_records(list(batch), source.format, text_key, "replace")
+    stats = DataStats()
+    records = source.shard_fn(0, 1, seed=0, shuffle_files=False, stats=stats)(0).batch(1024)
+    for batch, separators in records.as_numpy_iterator():
+        yield from decode_records(list(batch), separators, source.format, text_key, "replace", stats, source.description)[0]

@@ -9,13 +9,17 @@ from __future__ import annotations
 import io
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_TRAINING_LINES = 2_000_000
+# SentencePiece's result depends on its thread count: a fixed count makes training give
+# the same model on every machine.
+TRAINING_THREADS = 16
 
 
 class TokenizerError(ValueError):
@@ -34,7 +38,19 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer {source} defines no EOS piece; t2x ends every document with EOS")
         # Models without BOS (T5's, for one) start documents with EOS, as GPT-2 does.
         self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else self.eos_id
+        self._piece_bytes = self._bytes_per_piece()
 
+    def _bytes_per_piece(self) -> np.ndarray:
+        """UTF-8 bytes of text each piece stands for: a byte-fallback piece 1, control
+        pieces 0, others their text with SentencePiece's word-boundary mark as a space."""
+        sp = self.processor
+        sizes = np.zeros(sp.get_piece_size(), np.int64)
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                sizes[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                sizes[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return sizes
     @property
     def vocab_size(self) -> int:
         return self.processor.get_piece_size()
@@ -46,12 +62,39 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
 
+    def token_bytes(self, documents: Sequence[Sequence[int]], texts: Sequence[str], separators: Sequence[int]) -> list[np.ndarray]:
+        """Bytes of text each token stands for, and then the EOS's (its separator).
+
+        Each document's counts add up exactly to the UTF-8 bytes of its text: pieces count
+        their own text, and the difference (a dummy-prefix space, or what a normalizer
+        changed) goes to the document's first token.
+
+        Returns:
+          For each document, ``len(tokens) + 1`` integers.
+        """
+        lengths = np.array([len(d) for d in documents], np.int64)
+        flat = np.concatenate([np.asarray(d, np.int64) for d in documents]) if lengths.sum() else np.zeros(0, np.int64)
+        sizes = self._piece_bytes[flat]
+        starts = np.cumsum(lengths) - lengths
+        counted = np.add.reduceat(sizes, starts) if len(sizes) else np.zeros(len(documents), np.int64)
+        counted = np.where(lengths > 0, counted, 0)  # reduceat gives an element, not 0, for an empty range
+        exact = np.array([len(t.encode("utf-8")) for t in texts], np.int64)
+        out = []
+        for i, (start, length) in enumerate(zip(starts, lengths)):
+            per_token = np.empty(length + 1, np.int64)
+            per_token[:length] = sizes[start:start + length]
+            per_token[length] = separators[i]
+            per_token[0] += exact[i] - counted[i]  # to the EOS when the document has no tokens
+            out.append(per_token)
+        return out
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, model_type: str = "unigram") -> str:
     """Train a SentencePiece model and write ``PREFIX.model`` and ``PREFIX.vocab``.
 
     The model keeps text exactly (identity normalization, whitespace and newlines kept,
-    byte fallback for anything unseen), so ``decode(encode(text)) == text``.
+    byte fallback for anything unseen), so ``decode(encode(text)) == text``. Training is
+    deterministic: the same texts give the same model bytes on any machine.
 
     Args:
       texts: training documents.
@@ -100,7 +143,7 @@ def _train(texts: Iterable[str], vocab_size: int, model_type: str, model: io.Byt
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        num_threads=os.cpu_count() or 1,
+        num_threads=TRAINING_THREADS,
         minloglevel=2,
     )
 
@@ -132,7 +175,7 @@ def builtin_tokenizer_path(vocab_size: int) -> str:
     from t2x.data import corpus
     from t2x.data.sources import read_texts
 
-    prefix = corpus.cache_dir() / "tokenizers" / f"{corpus.corpus_dir().name}-unigram-{vocab_size}"
+    prefix = corpus.cache_dir() / "tokenizers" / f"{corpus.corpus_dir().name}-unigram-{vocab_size}-t{TRAINING_THREADS}"
     path = f"{prefix}.model"
     if not os.path.exists(path):
         train_tokenizer(read_texts([corpus.split_file("train")]), vocab_size, str(prefix))

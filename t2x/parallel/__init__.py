@@ -6,7 +6,7 @@ from t2x.parallel.sharding import (
     batch_sharding,
     host_to_global,
     logical_to_shardings,
-    process_row_range,
+    process_rows,
     replicated,
     sharding_context,
 )
@@ -18,7 +18,7 @@ __all__ = [
     "host_to_global",
     "logical_to_shardings",
     "make_mesh",
-    "process_row_range",
+    "process_rows",
     "replicated",
     "resolve_axis_sizes",
     "sharding_context",

@@ -102,31 +102,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def process_row_range(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
-    """Rows ``[start, end)`` of the global batch that this process's devices hold.
+def process_rows(mesh: Mesh, global_batch_size: int) -> list[int]:
+    """Rows of the global batch that this process's devices hold, ascending.
 
-    Raises:
-      ValueError: the rows are not one contiguous range (a mesh whose data axes
-        interleave processes), which host-local batching cannot feed.
+    They need not be contiguous: on a multi-host TPU slice the mesh follows the physical
+    topology, and a process's devices can alternate with other processes' along the
+    batch axes. ``host_to_global`` takes this process's rows in this order.
     """
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-    spans = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in index_map.values()})
-    start, end = spans[0][0], spans[-1][1]
-    covered = 0
-    for lo, hi in spans:
-        if lo > start + covered:
-            break
-        covered = max(covered, hi - start)
-    if covered != end - start:
-        raise ValueError(
-            f"this process holds non-contiguous batch rows {spans}; order the mesh devices so each "
-            "process's devices are adjacent on the data axes"
-        )
-    return start, end
+    rows = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return sorted(rows)
 
 
 def host_to_global(batch: dict[str, Any], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of a batch (``jax.make_array_from_process_local_data``)."""
+    """Global arrays from this process's rows of a batch, in ``process_rows`` order
+    (``jax.make_array_from_process_local_data`` places each device's rows)."""
     sharding = batch_sharding(mesh)
     return {
         k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))

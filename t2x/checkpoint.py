@@ -1,45 +1,202 @@
-"""Orbax checkpoints of a run: parameters, optimizer state, data position and config.
+"""Orbax checkpoints that are never silently wrong.
 
-Each step's checkpoint holds four items: ``params`` and ``opt_state`` (sharded arrays,
-every process writing its own shards), ``data`` (the input pipeline's position) and
-``config``. Orbax writes into a temporary directory and renames it when complete, so a
-checkpoint is either whole or absent; a save interrupted by a crash leaves the previous
-one as the latest. Restoring takes target shardings, so a checkpoint written on one mesh
-restores onto another.
+A step's checkpoint holds array items (``params``, ``opt_state``: sharded, every process
+writing its own shards), JSON items (``data``: the input pipeline's position, ``config``)
+and ``checksums``: two 32-bit weighted sums of every saved array's bits, computed on the
+devices before the save, and a SHA-256 of each JSON item. Restoring verifies them, so a
+flipped bit, a truncated or missing file or a deleted item is reported as damage naming
+the step, the item and what is wrong, and a checkpoint that does not fit the model is
+reported as such.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a step
+is either whole or absent. Deleting a step renames it out of the way first (on local and
+network filesystems), so a kill during deletion never leaves half a step behind, and a
+damaged step is moved to ``_damaged/`` rather than deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import sys
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from t2x.config import CheckpointConfig, ConfigError
-from t2x.train.state import TrainState
+from t2x.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
+
+ARRAY_ITEMS = ("params", "opt_state")
+JSON_ITEMS = ("data", "config")
+CHECKSUMS = "checksums"
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of steps Orbax has not finished writing
+DELETED = "_deleted"  # steps being deleted are renamed here first
+DAMAGED = "_damaged"  # damaged steps set aside
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the run; the message says what to do."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, unreadable or fail their checksums."""
+
+    def __init__(self, directory, step: int, item: str, problem: str):
+        self.step, self.item, self.problem = step, item, problem
+        super().__init__(f"checkpoint {step} in {directory} is damaged: {item}: {problem}")
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose arrays do not have the names or shapes the run expects."""
+
+    def __init__(self, step: int, item: str, differences: list[str]):
+        self.step, self.item = step, item
+        super().__init__(f"checkpoint {step} does not fit this run's {item}: {_sample(differences)}")
+
+
+def _sample(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+# Checksums -------------------------------------------------------------------------
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a well-spread weight per flat index."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """Two sums over the array's bits, each element weighted by an odd number that depends
+    on its index: any single flipped bit changes both, and so does any moved element.
+    Integer sums wrap exactly, so the result is the same on any mesh."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 1:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+    else:  # 8-byte values: two 32-bit words each
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    for axis, size in enumerate(bits.shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+    weight = _mix(index + jnp.uint32(0x9E3779B9))
+    return jnp.stack([jnp.sum(bits * (weight | 1), dtype=jnp.uint32),
+                      jnp.sum(bits * (_mix(weight) | 1), dtype=jnp.uint32)])
+
+
+_digest_tree = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+
+
+def array_checksums(tree: Any) -> dict[str, list[int]]:
+    """``{path: [sum1, sum2]}`` for every array of ``tree`` (a collective in multi-process jobs)."""
+    digests = jax.device_get(_digest_tree(tree))
+    return {_path(p): [int(v) for v in d] for p, d in jax.tree_util.tree_flatten_with_path(digests)[0]}
+
+
+def json_checksum(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _path(keys) -> str:
+    parts = []
+    for k in keys:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple]:
+    return {_path(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+_READER_NOISE = ("Event loop is closed", "Python is likely shutting down")
+
+
+def _quiet_closed_loop_noise() -> None:
+    """After a failed read, Orbax's reader threads and coroutines report their event loop
+    closing (and, at exit, the interpreter shutting down) through ``sys.unraisablehook``;
+    the failure itself is reported once, as damage."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_t2x", False):
+        return
+
+    def hook(unraisable):
+        if any(noise in str(unraisable.exc_value) for noise in _READER_NOISE):
+            return
+        previous(unraisable)
+
+    hook._t2x = True
+    sys.unraisablehook = hook
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:400]
+
+
+def _remove(path: epath.Path) -> None:
+    """Delete a file or folder; one that something else removes meanwhile is fine."""
+    try:
+        path.rmtree() if path.is_dir() else path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# Retention -------------------------------------------------------------------------
+
+def steps_to_delete(steps: Sequence[int], keep: int, keep_every: int | None, unconfirmed: int | None) -> list[int]:
+    """Steps retention removes: all but the newest ``keep`` and multiples of ``keep_every``.
+
+    ``unconfirmed`` (the newest save, not yet followed by finite training) is kept without
+    counting toward ``keep``: if the run then goes non-finite, the ``keep`` checkpoints
+    before it are still there.
+    """
+    counted = sorted(s for s in steps if s != unconfirmed)
+    kept = set(counted[-keep:]) | ({unconfirmed} if unconfirmed in steps else set())
+    if keep_every:
+        kept |= {s for s in steps if s % keep_every == 0}
+    return [s for s in sorted(steps) if s not in kept]
+
+
+# The checkpointer ------------------------------------------------------------------
+
 class Checkpointer:
-    """Save and restore a run's checkpoints under ``directory``.
+    """Save, verify and restore a run's checkpoints under ``directory``.
 
     Args:
       directory: the run's checkpoint folder.
-      cfg: cadence and retention (keep the last ``keep``, plus every ``keep_every``-th step).
-      read_only: open existing checkpoints without the right to write or delete.
+      cfg: write settings (asynchronous saves).
+      read_only: open existing checkpoints without the right to write, move or delete.
     """
 
     def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig | None = None, read_only: bool = False):
@@ -47,43 +204,35 @@ class Checkpointer:
         directory = str(directory)
         # Local paths made absolute; remote ones (gs://...) as they are.
         self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+        self.read_only = read_only
         if read_only:  # never deletes or cleans up: a training run may be writing here
             options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
         else:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.keep,
-                keep_period=cfg.keep_every,
+                max_to_keep=None,  # retention is t2x's: see steps_to_delete
                 enable_async_checkpointing=cfg.async_save,
                 cleanup_tmp_directories=True,
+                todelete_subdir=DELETED,
             )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # step of a save that may still be writing
+        if not read_only:
+            self._purge_deleted()
+            self._remove_partial()
 
-    def latest_step(self) -> int | None:
-        """Newest complete checkpoint's step, or None."""
-        return self.manager.latest_step()
+    # Listing.
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """Steps of complete checkpoints, ascending. A step whose directory has lost
+        Orbax's step metadata (the first file a non-atomic delete removes) is not one."""
+        return sorted(s for s in self.manager.all_steps() if (self.directory / str(s) / STEP_METADATA).exists())
 
-    def save(self, state: TrainState, data_state: dict, config: dict) -> bool:
-        """Start saving ``state`` at its step (asynchronously unless configured otherwise).
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
-        Returns:
-          False if a checkpoint of that step already exists (nothing is written).
-        """
-        step = int(jax.device_get(state.step))
-        if step in self.manager.all_steps():
-            return False
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config),
-        )
-        self.manager.save(step, args=args, force=True)
-        return True
-
-    def _check_step(self, step: int | None) -> int:
+    def check_step(self, step: int | None) -> int:
+        """``step``, or the latest when None; an error naming the steps there are otherwise."""
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}; train the run first")
@@ -93,67 +242,199 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it has steps {steps}")
         return step
 
-    def data_state(self, step: int | None) -> dict:
-        """The input pipeline's position and settings stored with ``step`` (None: latest)."""
-        step = self._check_step(step)
-        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    # Saving.
 
-    def restore(self, step: int | None, abstract: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
-        """Restore the train state onto ``shardings`` and the data position of ``step`` (None: latest)."""
-        step = self._check_step(step)
-        target = _with_shardings(abstract, shardings)
-        try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target.params),
-                    opt_state=ocp.args.StandardRestore(target.opt_state),
-                    data=ocp.args.JsonRestore(),
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} does not match this run's model or optimizer ({e}); "
-                "use the config it was trained with, or a new train.run_dir"
-            ) from None
-        step_array = jax.device_put(np.int32(step), shardings.step)
-        state = TrainState(step=step_array, params=restored.params, opt_state=restored.opt_state)
-        return state, restored.data
+    def save(self, step: int, arrays: dict[str, Any], json_items: dict[str, Any]) -> bool:
+        """Start saving ``arrays`` (trees of global jax.Arrays) and ``json_items`` at
+        ``step``, with their checksums (asynchronously unless configured otherwise).
 
-    def restore_params(self, step: int | None, abstract_params: Any, shardings: Any) -> tuple[Any, int]:
-        """Restore only the parameters of ``step`` (None: latest) onto ``shardings``."""
-        step = self._check_step(step)
-        try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_with_shardings(abstract_params, shardings)))
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} does not match this model ({e}); "
-                "use the config it was trained with"
-            ) from None
-        return restored.params, step
+        Returns:
+          False if a checkpoint of that step already exists (nothing is written).
+
+        Raises:
+          CheckpointError: this save, or the previous asynchronous one, failed (a full
+            disk, say); no partial checkpoint is left where a restore would find it.
+        """
+        if step in self.all_steps():
+            return False
+        if step in self.manager.all_steps():  # the remnant of a step a delete left unfinished
+            log.warning("moved an incomplete checkpoint %d to %s", step, self.set_aside(step))
+        checksums = {
+            "arrays": {item: array_checksums(tree) for item, tree in arrays.items()},
+            "json": {item: json_checksum(value) for item, value in json_items.items()},
+        }
+        args = {item: ocp.args.StandardSave(tree) for item, tree in arrays.items()}
+        args.update({item: ocp.args.JsonSave(value) for item, value in json_items.items()})
+        args[CHECKSUMS] = ocp.args.JsonSave(checksums)
+        self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(**args), force=True), step)
+        self._pending = step
+        return True
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        """Block until pending asynchronous saves are on disk.
+
+        Raises:
+          CheckpointError: a pending save failed.
+        """
+        self._guard(self.manager.wait_until_finished, self._pending)
+        self._pending = None
+
+    def _guard(self, action, step: int | None) -> None:
+        try:
+            action()
+        except Exception as e:  # Orbax and TensorStore raise plain Exceptions for I/O failures
+            if isinstance(e, CheckpointError):
+                raise
+            pending, self._pending = self._pending, None
+            failed = pending if pending is not None else step
+            self._remove_partial()
+            intact = [s for s in self.all_steps() if s != failed]
+            where = f"step {max(intact)} is the newest complete checkpoint" if intact else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"saving the checkpoint of step {failed} in {self.directory} failed ({_first_line(e)}); "
+                f"nothing partial is kept and {where}. Free space or fix the filesystem, then rerun to resume"
+            ) from None
+
+    # Deleting and setting aside.
+
+    def delete(self, steps: Sequence[int]) -> None:
+        """Delete ``steps`` (every process calls this; process 0 does the work)."""
+        for step in steps:
+            self.manager.delete(step)
+        if steps:
+            self._purge_deleted()
+
+    def _remove_partial(self) -> None:
+        """Remove what an interrupted or failed save left (Orbax's temporary folders)."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for entry in self.directory.iterdir():
+                if TMP_MARK in entry.name:
+                    _remove(entry)
+
+    def _purge_deleted(self) -> None:
+        trash = self.directory / DELETED
+        if jax.process_index() == 0 and trash.exists():
+            for entry in trash.iterdir():
+                _remove(entry)
+
+    def set_aside(self, step: int) -> str:
+        """Move a damaged step to ``_damaged/`` (kept for inspection, out of every listing).
+
+        Returns:
+          Where it went.
+        """
+        target = self.directory / DAMAGED / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            (self.directory / DAMAGED).mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"t2x set aside checkpoint {step}")
+        self.manager.reload()
+        return str(target)
+
+    # Reading.
+
+    def read_json(self, step: int, item: str) -> Any:
+        """A JSON item of ``step``, checked against its checksum when the step has one.
+
+        Raises:
+          DamagedCheckpointError: the item is missing, unreadable or fails its checksum.
+        """
+        value = self._read_json(step, item)
+        expected = self._checksums(step).get("json", {}).get(item)
+        if expected is not None and json_checksum(value) != expected:
+            raise DamagedCheckpointError(self.directory, step, item, "its contents do not match their checksum")
+        return value
+
+    def _read_json(self, step: int, item: str) -> Any:
+        path = self.directory / str(step) / item
+        try:
+            return ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore())
+        except Exception as e:  # missing directory or file, or not JSON
+            missing = not path.exists()
+            raise DamagedCheckpointError(
+                self.directory, step, item, "the item is missing" if missing else f"cannot be read ({_first_line(e)})"
+            ) from None
+
+    def _checksums(self, step: int) -> dict:
+        """The step's checksums; ``{}`` for a checkpoint written before t2x recorded them."""
+        if not (self.directory / str(step) / CHECKSUMS).exists():
+            return {}
+        return self._read_json(step, CHECKSUMS)
+
+    def has_checksums(self, step: int) -> bool:
+        return (self.directory / str(step) / CHECKSUMS).exists()
+
+    def saved_shapes(self, step: int, item: str) -> dict[str, tuple]:
+        """``{path: shape}`` of an array item as saved.
+
+        Raises:
+          DamagedCheckpointError: the item's metadata is missing or unreadable.
+        """
+        _quiet_closed_loop_noise()
+        path = self.directory / str(step) / item
+        try:
+            return _leaf_shapes(ocp.StandardCheckpointHandler().metadata(path))
+        except Exception as e:
+            problem = "the item is missing" if not path.exists() else f"its metadata cannot be read ({_first_line(e)})"
+            raise DamagedCheckpointError(self.directory, step, item, problem) from None
+
+    def restore(self, step: int, abstract: dict[str, Any], shardings: dict[str, Any]) -> dict[str, Any]:
+        """Restore array items of ``step`` onto ``shardings`` and verify their checksums.
+
+        Args:
+          step: an existing step (``check_step``).
+          abstract: item -> tree of ShapeDtypeStructs the run expects.
+          shardings: item -> matching tree of shardings (any mesh).
+
+        Returns:
+          item -> restored tree.
+
+        Raises:
+          CheckpointMismatchError: the checkpoint is readable but its arrays have other
+            names or shapes than the run's.
+          DamagedCheckpointError: files are missing, unreadable, or fail their checksums.
+        """
+        checksums = self._checksums(step).get("arrays", {})
+        restored = {}
+        for item, tree in abstract.items():
+            target = _with_shardings(tree, shardings[item])
+            problem = None
+            try:
+                restored[item] = self.manager.restore(
+                    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+                )[item]
+            except Exception as e:  # Orbax and TensorStore raise plain Exceptions
+                problem = e
+            if not _all_processes_ok(problem is None):
+                self._explain_failure(step, item, tree, problem)
+            if item in checksums:
+                got = array_checksums(restored[item])
+                bad = sorted(p for p, v in got.items() if checksums[item].get(p) != v)
+                if bad:
+                    raise DamagedCheckpointError(
+                        self.directory, step, item, f"{_sample(bad)} do not match their checksums"
+                    )
+        return restored
+
+    def _explain_failure(self, step: int, item: str, expected: Any, error: BaseException | None):
+        """Tell a checkpoint that does not fit the run from a damaged one."""
+        _quiet_closed_loop_noise()
+        saved = self.saved_shapes(step, item)
+        wanted = _leaf_shapes(expected)
+        differences = (
+            [f"{p} is missing" for p in sorted(wanted) if p not in saved]
+            + [f"{p} is not expected" for p in sorted(saved) if p not in wanted]
+            + [f"{p} has shape {saved[p]}, not {wanted[p]}" for p in sorted(wanted) if p in saved and saved[p] != wanted[p]]
+        )
+        if differences:
+            raise CheckpointMismatchError(step, item, differences)
+        if error is None:  # another process could not read its part
+            raise DamagedCheckpointError(self.directory, step, item, "another process could not read its part")
+        raise DamagedCheckpointError(self.directory, step, item, _first_line(error))
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-def check_data_state(saved: dict, expected: dict) -> None:
-    """Refuse to resume the input pipeline from a checkpoint made with other data settings.
-
-    Args:
-      saved: the checkpoint's data item.
-      expected: this run's settings, keyed by the config key they come from.
-    """
-    for key, value in expected.items():
-        if saved.get(key) != value:
-            what = "are different files, format or text field" if key == "training data" else f"is {value!r}"
-            raise ConfigError(
-                f"{key} {what}, but the checkpoint's input position was made with {saved.get(key)!r}; "
-                f"resume with the settings the run was trained with, or start a new train.run_dir"
-            )
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

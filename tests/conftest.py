@@ -49,6 +49,27 @@ def tiny_config(run_dir, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "tiny.yaml", [*TINY, f"train.run_dir={run_dir}", *overrides])
 
 
+def restored(run_dir, *overrides: str, step=None, devices=None):
+    """The train state a run saved (the newest step, or ``step``), verified and restored
+    onto the mesh of the tiny config with ``overrides``; and its data item."""
+    from t2x.checkpoint import Checkpointer
+    from t2x.components import build
+    from t2x.models import abstract_params
+    from t2x.parallel import sharding_context
+    from t2x.train.resume import Target, restore_step
+    from t2x.train.state import make_optimizer, state_shardings
+
+    cfg = tiny_config(run_dir, *overrides)
+    c = build(cfg, devices=devices)
+    tx, _ = make_optimizer(cfg)
+    with sharding_context(c.mesh):
+        abstract, shardings = state_shardings(c.model, tx, c.mesh, cfg.data.seq_len)
+        _, logical = abstract_params(c.model, cfg.data.seq_len)
+        checkpointer = Checkpointer(pathlib.Path(run_dir) / "checkpoints", read_only=True)
+        resumed = restore_step(checkpointer, checkpointer.check_step(step), cfg, {}, Target(abstract, shardings, logical, c.mesh))
+    return resumed.state, resumed.data_state
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX loads"

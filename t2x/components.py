@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError
-from t2x.data.tokenizer import Tokenizer, load_tokenizer
+from t2x.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from t2x.models import build_model
 from t2x.parallel import make_mesh
 
@@ -21,6 +24,24 @@ class Components:
     mesh: Mesh
     tokenizer: Tokenizer
     model: nn.Module
+
+
+def shared_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer ``spec`` names, loaded (or, for ``builtin:N``, trained) by process 0
+    alone and used byte for byte by every process, so all of them tokenize alike."""
+    if jax.process_count() == 1:
+        return load_tokenizer(spec)
+    proto, error = b"", None
+    if jax.process_index() == 0:
+        try:
+            proto = load_tokenizer(spec).model_proto
+        except TokenizerError as e:
+            error = e
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if error else len(proto))))
+    if size < 0:
+        raise error or TokenizerError(f"data.tokenizer: process 0 could not load {spec}; see its output")
+    buffer = np.frombuffer(proto, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    return Tokenizer(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes(), source=spec)
 
 
 def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Components:
@@ -47,7 +68,7 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
                 f"{key} = {size} is not divisible by the {batch_ways} data-parallel devices "
                 f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']})"
             )
-    tokenizer = load_tokenizer(tokenizer_spec or cfg.data.tokenizer)
+    tokenizer = shared_tokenizer(tokenizer_spec or cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but model.vocab_size is "

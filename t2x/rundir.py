@@ -12,11 +12,12 @@ for a TPU pod, whose hosts must all see it); paths are therefore plain strings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import tensorflow as tf
 
-from t2x.config import Config, ConfigError, load_config, to_yaml
+from t2x.config import Config, ConfigError, load_config, to_yaml, without_launch_settings
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
@@ -46,9 +47,20 @@ def check_writable(cfg: Config) -> str:
 
 
 def write_run_files(path: str, cfg: Config, tokenizer_proto: bytes) -> None:
-    """Record the resolved config and the tokenizer in the run directory."""
-    _write_atomic(os.path.join(path, CONFIG_FILE), to_yaml(cfg).encode())
+    """Record the resolved config (launch settings left out) and the tokenizer in the run directory."""
+    _write_atomic(os.path.join(path, CONFIG_FILE), to_yaml(without_launch_settings(cfg)).encode())
     _write_atomic(os.path.join(path, TOKENIZER_FILE), tokenizer_proto)
+
+
+def recorded_config(run_dir: str) -> Config | None:
+    """The config a run directory records, or None when it records none (or an unreadable one)."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        return load_config(path)
+    except ConfigError:
+        return None
 
 
 def load_run(target: str, overrides: list[str]) -> tuple[Config, str]:
@@ -57,13 +69,17 @@ def load_run(target: str, overrides: list[str]) -> tuple[Config, str]:
     Args:
       target: a run directory (holding ``config.yaml``) or a YAML config whose
         ``train.run_dir`` names the run.
-      overrides: dotted ``key=value`` overrides applied on top.
+      overrides: dotted ``key=value`` overrides applied on top. A run directory's
+        ``distributed.*`` settings are never used: only the overrides' are.
     """
     if tf.io.gfile.isdir(target):
         config_path = os.path.join(target, CONFIG_FILE)
         if not tf.io.gfile.exists(config_path):
             raise ConfigError(f"{target} is not a run directory: it has no {CONFIG_FILE}")
-        return load_config(config_path, overrides), target
+        cfg = load_config(config_path, overrides)
+        # How the run was launched is not inherited (older run directories record it).
+        launch = load_config(None, [o for o in overrides if o.startswith("distributed.")]).distributed
+        return dataclasses.replace(cfg, distributed=launch), target
     cfg = load_config(target, overrides)
     return cfg, cfg.train.run_dir
 

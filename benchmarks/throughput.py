@@ -24,7 +24,8 @@ from t2x.config import load_config
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.models import build_model
 from t2x.parallel import host_to_global, make_mesh, process_row_range, sharding_context
-from t2x.train.state import count_params, init_state, make_optimizer, state_shardings
+from t2x.models import count_params
+from t2x.train.state import init_state, make_optimizer, state_shardings
 from t2x.train.step import jit_train_step, make_train_step
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -110,6 +110,8 @@ class DataConfig:
     doc_shuffle_buffer: int = 1024  # documents; 0 disables document shuffling
     shuffle: bool = True
     invalid_utf8: str = "replace"  # replace | skip
+    max_document_bytes: int = 16 << 20  # longer documents are skipped (counted as oversized)
+    strict: bool = False  # stop at the first bad record, unreadable file or oversized document
     prefetch: int = 2
 
     def __post_init__(self):
@@ -118,10 +120,13 @@ class DataConfig:
         _one_of("data.text_unit", self.text_unit, ["line", "file"])
         _one_of("data.invalid_utf8", self.invalid_utf8, ["replace", "skip"])
         if self.source == "files":
-            _require(len(self.train_files) > 0, "data.train_files must name at least one file glob for data.source=files")
+            _require(
+                len(self.train_files) + len(self.eval_files) > 0,
+                "data.train_files or data.eval_files must name at least one file glob for data.source=files",
+            )
         if self.source == "tfds":
             _require(bool(self.tfds_name), "data.tfds_name must be set for data.source=tfds")
-        for key in ("seq_len", "num_shards", "block_docs", "prefetch"):
+        for key in ("seq_len", "num_shards", "block_docs", "prefetch", "max_document_bytes"):
             _require(getattr(self, key) > 0, f"data.{key} must be positive, got {getattr(self, key)}")
         _require(self.doc_shuffle_buffer >= 0, "data.doc_shuffle_buffer must be >= 0")
 
@@ -147,6 +152,9 @@ class MeshConfig:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
 
 
+_YAML_BOOLEANS = {"True": "on", "False": "off", "true": "on", "false": "off"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """How the processes of a multi-process job find each other (``jax.distributed``).
@@ -166,6 +174,9 @@ class DistributedConfig:
     cpu_collectives: str = "gloo"  # gloo | mpi: how CPU processes communicate
 
     def __post_init__(self):
+        # YAML 1.1 reads unquoted on/off (and yes/no, true/false) as booleans, which
+        # OmegaConf hands to this string field as "True"/"False".
+        object.__setattr__(self, "mode", _YAML_BOOLEANS.get(self.mode, self.mode))
         _one_of("distributed.mode", self.mode, ["auto", "on", "off"])
         _one_of("distributed.cpu_collectives", self.cpu_collectives, ["gloo", "mpi"])
         for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
@@ -215,13 +226,14 @@ class TrainConfig:
     seed: int = 0
     z_loss: float = 0.0  # coefficient of log(Z)^2
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
+    max_consecutive_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps in a row
     log_every: int = 10
     progress_bar: bool = True
     peak_flops_per_device: Optional[float] = None  # for MFU; None: look up the device kind
 
     def __post_init__(self):
         _one_of("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])
-        for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
+        for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every", "max_consecutive_skips"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
@@ -236,8 +248,10 @@ class CheckpointConfig:
     keep: int = 3  # most recent checkpoints kept
     keep_every: Optional[int] = None  # also keep every step divisible by this
     async_save: bool = True
+    on_damage: str = "fallback"  # fallback: resume from the newest checkpoint that verifies | stop
 
     def __post_init__(self):
+        _one_of("checkpoint.on_damage", self.on_damage, ["fallback", "stop"])
         _require(self.every > 0, f"checkpoint.every must be positive, got {self.every}")
         _require(self.keep > 0, f"checkpoint.keep must be positive, got {self.keep}")
         _require(self.keep_every is None or self.keep_every > 0, "checkpoint.keep_every must be positive or null")
@@ -304,6 +318,9 @@ class Config:
         return self.optim.decay_steps or self.train.steps
 
 
+_SECTIONS = {f.name for f in dataclasses.fields(Config) if f.name != "name"}  # model, data, ...: groups of keys
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a Config from a YAML file (or the defaults) and apply dotted ``key=value`` overrides.
 
@@ -323,18 +340,49 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if path is not None:
         text = _read_text(str(path))
         try:
-            layers.append(OmegaConf.create(text))
+            loaded = OmegaConf.create(text)
         except Exception as e:  # YAML syntax errors come in several types
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path} must map config sections (model:, data:, ...) to their keys, not be a list")
+        for key in loaded:
+            if key in _SECTIONS and not isinstance(loaded[key], DictConfig) and loaded[key] is not None:
+                raise ConfigError(f"config key {key!r} in {path} is a section: give its keys ({key}: then indented keys)")
+        layers.append(loaded)
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
+    sections = [o for o in overrides if o.split("=", 1)[0].strip() in _SECTIONS]
+    if sections:
+        raise ConfigError(f"{sections[0]!r} sets a whole config section; set its keys instead, e.g. "
+                          f"{sections[0].split('=', 1)[0].strip()}.KEY=VALUE")
+    for override in overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist([override]))
+        except Exception as e:  # the value is parsed as YAML, whose errors come in several types
+            raise ConfigError(f"override {override!r} cannot be parsed: {str(e).splitlines()[0]}") from None
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(_describe_omegaconf_error(e, path)) from None
+    except (TypeError, ValueError) as e:  # OmegaConf's own, for values it cannot merge into the schema
+        if isinstance(e, ConfigError):
+            raise
+        where = f" (in {path} or the overrides)" if path else ""
+        raise ConfigError(f"the config{where} does not fit the schema: {e}") from None
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from the nested dict ``to_dict`` made (a checkpoint's record of its run).
+
+    Raises:
+      ConfigError: the values do not form a valid config.
+    """
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe_omegaconf_error(e, None)) from None
 
 
 def _read_text(path: str) -> str:
@@ -359,6 +407,13 @@ def _describe_omegaconf_error(e: OmegaConfBaseException, path) -> str:
     if key:
         return f"config key {key!r}: {first_line}{where}"
     return f"{first_line}{where}"
+
+
+def without_launch_settings(config: Config) -> Config:
+    """The config with ``distributed.*`` reset: how a job was launched (coordinator,
+    process count and id) is not part of a run, so eval, export and a resume with
+    another process count never inherit it."""
+    return dataclasses.replace(config, distributed=DistributedConfig())
 
 
 def to_yaml(config: Config) -> str:

@@ -16,11 +16,16 @@ def run_t2x(*args):
     return subprocess.run([sys.executable, "-m", "t2x.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
+def strict_json(line: str) -> dict:
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
 def test_train_then_eval_through_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
     trained = run_t2x("train", TINY_CONFIG, *TINY, f"train.run_dir={run_dir}", "eval.max_batches=null")
     assert trained.returncode == 0, trained.stderr
-    final = json.loads(trained.stdout.strip().splitlines()[-1])
+    [line] = trained.stdout.splitlines()  # the result and nothing else
+    final = strict_json(line)
     assert {"loss", "perplexity", "bits_per_byte", "tokens", "step"} <= final.keys()
     assert final["step"] == 4 and final["perplexity"] > 1
     for name in ("config.yaml", "tokenizer.model", "metrics.jsonl", "checkpoints/4", "tensorboard/train"):
@@ -28,18 +33,31 @@ def test_train_then_eval_through_the_command_line(tmp_path):
 
     evaluated = run_t2x("eval", str(run_dir))
     assert evaluated.returncode == 0, evaluated.stderr
-    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    [line] = evaluated.stdout.splitlines()
+    result = strict_json(line)
     assert result["step"] == 4
     assert result["loss"] == pytest.approx(final["loss"], rel=1e-6)
     assert result["tokens"] == final["tokens"]
+    helped = run_t2x("eval", "--help").stdout
+    assert all(key in helped for key in result), "eval --help names every key it prints"
 
+    # Other text, by glob: every byte of a plain text file is counted.
+    text = "first line of other text\nsecond line, ünïcode\n"
+    (tmp_path / "other.txt").write_text(text)
+    other = run_t2x("eval", str(run_dir), "--text", str(tmp_path / "*.txt"), "eval.global_batch_size=8")
+    assert other.returncode == 0, other.stderr
+    result = strict_json(other.stdout)
+    assert result["bytes"] == len(text.encode()) and result["documents"] == 2
 
-@pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["eval", "--help"], ["tokenizer", "train", "--help"]])
-def test_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(command)
-    assert exit_info.value.code == 0
-    assert "usage: t2x" in capsys.readouterr().out
+    # A damaged step named with --step fails, naming the step and the item.
+    kernel = max((p for p in (run_dir / "checkpoints" / "4" / "params").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(kernel.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    kernel.write_bytes(bytes(data))
+    damaged = run_t2x("eval", str(run_dir), "--step", "4")
+    assert damaged.returncode == 1 and damaged.stdout == ""
+    assert "checkpoint 4 in" in damaged.stderr and "is damaged: params" in damaged.stderr
 
 
 def test_tokenizer_train_command(tmp_path, capsys):

@@ -1,12 +1,17 @@
 """Config loading, overrides and the errors bad configs get."""
 
+import json
+
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO
 from t2x.config import Config, ConfigError, MeshConfig, load_config, to_yaml
 from t2x.models import build_model
 from t2x.parallel import resolve_axis_sizes
-from t2x.train.state import abstract_params, count_params
+from t2x.models import abstract_params, count_params
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -92,3 +97,81 @@ def test_mesh_sizes_resolve_and_must_fit_the_devices():
         resolve_axis_sizes(MeshConfig(data=3, fsdp=1, tensor=1), 8)
     with pytest.raises(ConfigError, match="not divisible"):
         resolve_axis_sizes(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+
+
+@pytest.mark.parametrize("value, mode", [("off", "off"), ("on", "on"), ("auto", "auto"), ("'off'", "off")])
+def test_distributed_mode_reads_as_documented_in_overrides_and_yaml(value, mode, tmp_path):
+    assert load_config(None, [f"distributed.mode={value}"]).distributed.mode == mode
+    path = tmp_path / "c.yaml"
+    path.write_text(f"distributed:\n  mode: {value}\n")
+    cfg = load_config(path)
+    assert cfg.distributed.mode == mode
+    (tmp_path / "again.yaml").write_text(to_yaml(cfg))
+    assert load_config(tmp_path / "again.yaml").distributed.mode == mode
+
+
+def test_launch_settings_are_not_part_of_a_run(tmp_path):
+    from t2x.rundir import load_run, write_run_files
+
+    launched = load_config(REPO / "configs" / "tiny.yaml", [
+        "distributed.coordinator_address=10.0.0.1:1234", "distributed.num_processes=4", "distributed.process_id=2",
+        f"train.run_dir={tmp_path}"])
+    write_run_files(str(tmp_path), launched, b"model")
+    assert "10.0.0.1" not in (tmp_path / "config.yaml").read_text()
+    cfg, _ = load_run(str(tmp_path), [])
+    assert cfg.distributed == load_config().distributed
+    # An older run directory that recorded them does not pass them on either.
+    (tmp_path / "config.yaml").write_text(to_yaml(launched))
+    assert load_run(str(tmp_path), [])[0].distributed.num_processes is None
+    assert load_run(str(tmp_path), ["distributed.mode=off"])[0].distributed.mode == "off"
+
+
+KEYS = ["model.num_layers", "model.d_model", "model.position", "model.dropout", "data.seq_len", "data.num_shards",
+        "data.train_files", "mesh.data", "optim.lr", "optim.clip_norm", "train.steps", "train.global_batch_size",
+        "checkpoint.keep", "distributed.mode", "eval.max_batches", "nonsense", "model", "model.nope.deeper"]
+VALUES = st.one_of(st.integers(-5, 5000), st.floats(allow_nan=True), st.booleans(), st.none(),
+                   st.text(max_size=12), st.lists(st.text(max_size=5), max_size=3))
+
+
+def _override_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, float) or value == value else ".nan"
+
+
+def _nested(pairs) -> dict:
+    tree: dict = {}
+    for key, value in pairs:
+        *parents, leaf = key.split(".")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {}) if isinstance(node.get(name, {}), dict) else {}
+        node[leaf] = value
+    return tree
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4), as_yaml=st.booleans())
+def test_any_config_loads_or_fails_naming_a_key(pairs, as_yaml, tmp_path_factory):
+    """Random and malformed values give a valid config or a ConfigError, never a library traceback."""
+    if as_yaml:
+        path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+        path.write_text(yaml.safe_dump(_nested(pairs)))
+        args = (path, [])
+    else:
+        args = (None, [f"{k}={_override_value(v)}" for k, v in pairs])
+    try:
+        cfg = load_config(*args)
+    except ConfigError as e:
+        assert str(e)
+        return
+    assert isinstance(cfg, Config)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_yaml_text_loads_or_fails_naming_the_file(text, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e)

@@ -34,7 +34,8 @@ class DecoderLM(nn.Module):
           deterministic: disables dropout.
 
         Returns:
-          float32 logits [batch, seq, vocab_size].
+          float32 logits [batch, seq, vocab_size], accumulated in float32 whatever the
+          compute dtype.
         """
         cfg = self.cfg
         seq_len = tokens.shape[1]
@@ -65,9 +66,13 @@ class DecoderLM(nn.Module):
         mask = attention_mask(segment_ids, seq_len, causal=True)
         x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
         x = norm(cfg, "final_norm")(x)
+        # The output projection multiplies compute-dtype operands but accumulates and
+        # returns float32: logits are never rounded to bfloat16 before the softmax.
         if cfg.tie_embeddings:
-            logits = embed.attend(x)
+            table = embed.embedding.astype(x.dtype)  # [vocab, d_model]
+            logits = jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
         else:
-            logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, name="lm_head")(x)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab]
-        return logits.astype(jnp.float32)
+            logits = dense(
+                cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True, name="lm_head"
+            )(x)
+        return constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32

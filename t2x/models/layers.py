@@ -6,6 +6,7 @@ Every parameter carries logical axis names (``nn.with_logical_partitioning``), w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ def dense(
     axis: int | Sequence[int] = -1,
     std: float | None = None,
     use_bias: bool | None = None,
+    accumulate_float32: bool = False,
     name: str | None = None,
 ) -> nn.DenseGeneral:
     """A DenseGeneral whose kernel (and bias) carry logical axis names.
@@ -52,6 +54,7 @@ def dense(
       axis: input axes contracted.
       std: normal init standard deviation (default ``cfg.init_std``).
       use_bias: overrides ``cfg.use_bias``.
+      accumulate_float32: accumulate in and return float32 (the compute dtype otherwise).
       name: module name.
     """
     num_out = 1 if isinstance(features, int) else len(features)
@@ -65,6 +68,9 @@ def dense(
             nn.initializers.normal(cfg.init_std if std is None else std), tuple(kernel_axes)
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(kernel_axes[-num_out:])),
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+        if accumulate_float32
+        else None,
         name=name,
     )
 

@@ -9,6 +9,8 @@ from t2x.config import ModelConfig
 from t2x.models.attention import Attention
 from t2x.models.layers import MLP, constrain, norm
 
+STACKED_LAYERS = "layers"  # name of the scanned stack; its parameters have a leading [layers] axis
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -57,7 +59,7 @@ class BlockStack(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, self.deterministic, scanned=True, name="layers")(x, positions, mask)
+            x, _ = stack(cfg, self.deterministic, scanned=True, name=STACKED_LAYERS)(x, positions, mask)
             return x
         for i in range(cfg.num_layers):
             x = block(cfg, self.deterministic, name=f"layers_{i}")(x, positions, mask)

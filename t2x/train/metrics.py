@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from typing import Any
 
-import tensorflow as tf
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, so that it is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any) -> str:
+    """One line of strict JSON (non-finite numbers become null)."""
+    return json.dumps(json_safe(value), allow_nan=False)
 
 
 class MetricsWriter:
@@ -16,25 +32,28 @@ class MetricsWriter:
     (other processes) does nothing."""
 
     def __init__(self, run_dir: str, enabled: bool = True):
+        import tensorflow as tf  # file and TensorBoard writers; the JSON helpers above need no TensorFlow
+
+        self._tf = tf
         self.enabled = enabled
         self._run_dir = run_dir
-        self._writers: dict[str, tf.summary.SummaryWriter] = {}
+        self._writers: dict[str, Any] = {}
         self._jsonl = tf.io.gfile.GFile(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
 
     def write(self, split: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         record = {"split": split, "step": step, **metrics, "time": round(time.time(), 3)}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(to_json(record) + "\n")
         self._jsonl.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if not scalars:
             return
         if split not in self._writers:
-            self._writers[split] = tf.summary.create_file_writer(os.path.join(self._run_dir, "tensorboard", split))
+            self._writers[split] = self._tf.summary.create_file_writer(os.path.join(self._run_dir, "tensorboard", split))
         with self._writers[split].as_default(step=step):
             for name, value in scalars.items():
-                tf.summary.scalar(name, value)
+                self._tf.summary.scalar(name, value)
         self._writers[split].flush()
 
     def close(self) -> None:

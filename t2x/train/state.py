@@ -12,6 +12,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from t2x.config import Config, OptimConfig
+from t2x.models import abstract_params
+from t2x.models.transformer import STACKED_LAYERS
 from t2x.parallel import logical_to_shardings, replicated
 
 DECAYED_PARAMS = ("kernel", "embedding")  # matrices; norms and biases are spared
@@ -60,14 +62,46 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
+def _names(path) -> list[str]:
+    return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def is_stacked(params: Any) -> Any:
+    """True for parameters of scanned layers: a leading ``[layers]`` axis holds one
+    array per layer."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: STACKED_LAYERS in _names(path), params)
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` applied to each layer of scanned parameters separately (vmapped over
+    the leading ``layers`` axis) and to the other parameters as they are, so statistics
+    over a whole array (Adafactor's factored moments, update clipping, parameter scale)
+    are the same whether layers are scanned or not."""
+
+    def init(params):
+        return jax.vmap(inner.init)(params) if jax.tree.leaves(params) else inner.init(params)
+
+    def update(updates, state, params=None):
+        if not jax.tree.leaves(updates):  # an unscanned model has no stacked parameters
+            return inner.update(updates, state, params)
+        return jax.vmap(inner.update)(updates, state, params)
+
+    stacked = optax.GradientTransformation(init, update)
+
+    def labels(params):
+        return jax.tree.map(lambda s: "stacked" if s else "single", is_stacked(params))
+
+    return optax.multi_transform({"stacked": stacked, "single": inner}, labels)
+
+
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation for a run and its learning-rate schedule.
 
     clip by global norm -> AdamW or Adafactor (masked weight decay), optionally skipping
     non-finite updates (``apply_if_finite``) and accumulating micro-batches (``MultiSteps``).
-    Adafactor keeps its own defaults (factored second moments with decay 0.8, update
-    clipping at RMS 1, steps relative to the parameter scale); ``b1``, ``b2`` and ``eps``
-    are Adam's.
+    Adafactor keeps its own defaults (factored second moments with decay rate 0.8, update
+    clipping at RMS 1, steps relative to the parameter scale), computed per layer of
+    scanned parameters; ``b1``, ``b2`` and ``eps`` are Adam's.
     """
     optim = cfg.optim
     schedule = make_schedule(optim, cfg.decay_steps)
@@ -79,9 +113,13 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
         # optax.adafactor's pieces, with the weight decay applied before the learning
         # rate, so that it means what it means for AdamW: p -= lr * (update + wd * p).
         base = optax.chain(
-            optax.scale_by_factored_rms(),
-            optax.clip_by_block_rms(1.0),
-            optax.scale_by_param_block_rms(),
+            per_layer(
+                optax.chain(
+                    optax.scale_by_factored_rms(),
+                    optax.clip_by_block_rms(1.0),
+                    optax.scale_by_param_block_rms(),
+                )
+            ),
             optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule),
         )
@@ -94,39 +132,69 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
     return tx, schedule
 
 
-def abstract_params(model: nn.Module, seq_len: int) -> tuple[Any, Any]:
-    """Shapes of the parameters (no memory used) and their logical PartitionSpecs."""
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda rng: model.init(rng, tokens)["params"], jax.random.key(0))
-    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+def base_opt_state(opt_state: Any, cfg: Config) -> Any:
+    """The state of the optimizer proper (AdamW's moments, Adafactor's factors, the
+    schedule's count) inside the wrappers ``make_optimizer`` adds for ``cfg``."""
+    if cfg.train.grad_accum_steps > 1:
+        opt_state = opt_state.inner_opt_state
+    if cfg.train.on_nonfinite == "skip":
+        opt_state = opt_state.inner_state
+    return opt_state[-1]
+
+
+def replace_base_opt_state(opt_state: Any, base: Any, cfg: Config) -> Any:
+    """``opt_state`` (built for ``cfg``) with its optimizer proper replaced by ``base``."""
+
+    def replace(state, wrappers):
+        if wrappers and wrappers[0] == "accumulate":
+            return state._replace(inner_opt_state=replace(state.inner_opt_state, wrappers[1:]))
+        if wrappers and wrappers[0] == "skip":
+            return state._replace(inner_state=replace(state.inner_state, wrappers[1:]))
+        return (*state[:-1], base)
+
+    wrappers = (["accumulate"] if cfg.train.grad_accum_steps > 1 else []) + (
+        ["skip"] if cfg.train.on_nonfinite == "skip" else []
+    )
+    return replace(opt_state, wrappers)
+
+
+def opt_state_shardings(opt_state: Any, params: Any, logical: Any, mesh: Mesh) -> Any:
+    """NamedShardings of an optimizer state: statistics shaped like a parameter are
+    sharded like it; the rest (counters, Adafactor's factored vectors) are replicated.
+
+    A statistic belongs to the parameter whose path ends its own path (optax keeps them
+    in trees shaped like the parameters, possibly with some parameters masked out).
+    """
+    param_specs = {
+        tuple(_names(path)): (leaf.shape, spec)
+        for (path, leaf), spec in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.structure(params).flatten_up_to(logical),
+        )
+    }
+
+    def spec_of(path, leaf):
+        trailing = []
+        for key in reversed(path):
+            if not isinstance(key, jax.tree_util.DictKey):
+                break
+            trailing.insert(0, key.key)
+        shape, spec = param_specs.get(tuple(trailing), (None, None))
+        return spec if shape == leaf.shape else PartitionSpec()
+
+    opt_logical = jax.tree_util.tree_map_with_path(spec_of, opt_state)
+    return logical_to_shardings(opt_logical, opt_state, mesh)
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, seq_len: int):
-    """Abstract TrainState and the NamedSharding of every leaf.
-
-    Optimizer statistics shaped like a parameter are sharded like it; the rest
-    (counters, Adafactor's factored vectors) are replicated.
-    """
+    """Abstract TrainState and the NamedSharding of every leaf."""
     params, logical = abstract_params(model, seq_len)
     opt_state = jax.eval_shape(tx.init, params)
-    param_shardings = logical_to_shardings(logical, params, mesh)
-
-    def like_param(leaf, spec):
-        return spec if len(spec) == leaf.ndim else PartitionSpec()
-
-    opt_logical = optax.tree_map_params(
-        tx,
-        like_param,
-        opt_state,
-        logical,
-        transform_non_params=lambda _: PartitionSpec(),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
     shardings = TrainState(
         step=replicated(mesh),
-        params=param_shardings,
-        opt_state=logical_to_shardings(opt_logical, opt_state, mesh),
+        params=logical_to_shardings(logical, params, mesh),
+        opt_state=opt_state_shardings(opt_state, params, logical, mesh),
     )
     return abstract, shardings
 
@@ -145,8 +213,3 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Tr
 def skipped_updates(opt_state: Any) -> jax.Array:
     """Updates ``apply_if_finite`` has dropped so far (0 when the run does not skip)."""
     return optax.tree_utils.tree_get(opt_state, "total_notfinite", jnp.zeros((), jnp.int32))
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a parameter tree."""
-    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,4 +1,4 @@
-"""The train step and the eval step, jitted with explicit shardings."""
+"""The train step, jitted with explicit shardings."""
 
 from __future__ import annotations
 
@@ -18,6 +18,35 @@ from t2x.train.state import TrainState, skipped_updates
 Batch = dict[str, jax.Array]
 
 
+def make_objective(model: nn.Module, cfg: Config) -> Callable:
+    """``objective(params, example, total_weight, rng) -> (value, (nll_sum, z_sum))``.
+
+    ``value`` is (sum of token NLL + ``train.z_loss`` x sum of log(Z)^2) over the
+    example's weighted tokens, divided by ``total_weight / grad_accum_steps``: the
+    whole-batch mean, once the micro-batches' gradients are averaged.
+    """
+    k = cfg.train.grad_accum_steps
+    z_coef = cfg.train.z_loss
+    use_dropout = cfg.model.dropout > 0
+
+    def objective(params, example, total_weight, rng):
+        logits = model.apply(
+            {"params": params},
+            example["inputs"],
+            example["positions"],
+            example["segment_ids"],
+            deterministic=not use_dropout,
+            rngs={"dropout": rng},
+        )
+        nll, log_z = token_losses(logits, example["targets"])
+        weights = example["weights"]
+        nll_sum = jnp.sum(nll * weights)
+        z_sum = jnp.sum(jnp.square(log_z) * weights)
+        return (nll_sum + z_coef * z_sum) * (k / total_weight), (nll_sum, z_sum)
+
+    return objective
+
+
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: Config, bos_id: int
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -29,26 +58,10 @@ def make_train_step(
     the k-gradient average equals the gradient of the whole-batch loss.
     """
     k = cfg.train.grad_accum_steps
-    z_coef = cfg.train.z_loss
-    use_dropout = cfg.model.dropout > 0
+    objective = make_objective(model, cfg)
 
     def grads_of(params, example, total_weight, rng):
-        def loss_fn(params):
-            logits = model.apply(
-                {"params": params},
-                example["inputs"],
-                example["positions"],
-                example["segment_ids"],
-                deterministic=not use_dropout,
-                rngs={"dropout": rng},
-            )
-            nll, log_z = token_losses(logits, example["targets"])
-            weights = example["weights"]
-            nll_sum = jnp.sum(nll * weights)
-            z_sum = jnp.sum(jnp.square(log_z) * weights)
-            return (nll_sum + z_coef * z_sum) * (k / total_weight), (nll_sum, z_sum)
-
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, example, total_weight, rng)
         return grads, sums
 
     def step(state: TrainState, batch: Batch):
@@ -100,27 +113,6 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model: nn.Module, bos_id: int, eos_id: int) -> Callable[[dict, Batch], dict]:
-    """``step(params, batch) -> sums`` over the batch: NLL (float32), and the integer counts
-    of target tokens, UTF-8 bytes and documents (EOS targets)."""
-
-    def step(params, batch: Batch):
-        example = causal_lm(batch, bos_id)
-        logits = model.apply(
-            {"params": params}, example["inputs"], example["positions"], example["segment_ids"], deterministic=True
-        )
-        nll, _ = token_losses(logits, example["targets"])
-        real = batch["segment_ids"] > 0
-        return {
-            "nll_sum": jnp.sum(nll * example["weights"]),
-            "tokens": jnp.sum(real, dtype=jnp.int32),
-            "bytes": jnp.sum(batch["num_bytes"]),
-            "documents": jnp.sum(real & (example["targets"] == eos_id), dtype=jnp.int32),
-        }
-
-    return step
-
-
 def jit_train_step(step, state_shardings: TrainState, mesh: Mesh):
     """The train step jitted with explicit shardings; the old state is donated."""
     return jax.jit(
@@ -129,8 +121,3 @@ def jit_train_step(step, state_shardings: TrainState, mesh: Mesh):
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
-
-
-def jit_eval_step(step, param_shardings, mesh: Mesh):
-    """The eval step jitted with explicit shardings."""
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = cfg.train.global_batch_size
 
     t0 = time.perf_counter()
-    batches = TrainBatches(source, tokenizer, cfg.data, batch_size, cfg.train.seed, (0, batch_size))
+    batches = TrainBatches(source, tokenizer, cfg.data, batch_size, cfg.train.seed, range(batch_size))
     next(batches)
     first_batch_seconds = time.perf_counter() - t0
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
 
     t0 = time.perf_counter()
-    resumed = TrainBatches(source, tokenizer, cfg.data, batch_size, cfg.train.seed, (0, batch_size), batches.positions)
+    resumed = TrainBatches(source, tokenizer, cfg.data, batch_size, cfg.train.seed, range(batch_size), batches.positions)
     next(resumed)
     resume_seconds = time.perf_counter() - t0
 

@@ -23,7 +23,7 @@ import numpy as np
 from t2x.config import load_config
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.models import build_model
-from t2x.parallel import host_to_global, make_mesh, process_row_range, sharding_context
+from t2x.parallel import host_to_global, make_mesh, process_rows, sharding_context
 from t2x.models import count_params
 from t2x.train.state import init_state, make_optimizer, state_shardings
 from t2x.train.step import jit_train_step, make_train_step
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
         _, shardings = state_shardings(model, tx, mesh, seq_len)
         state = init_state(model, tx, shardings, cfg.train.seed, seq_len)
         step = jit_train_step(make_train_step(model, tx, schedule, cfg, bos_id=2), shardings, mesh)
-        start, end = process_row_range(mesh, batch_size)
+        local_rows = len(process_rows(mesh, batch_size))
 
         def batch():
-            return host_to_global(synthetic_batch(rng, end - start, seq_len, cfg.model.vocab_size), mesh, batch_size)
+            return host_to_global(synthetic_batch(rng, local_rows, seq_len, cfg.model.vocab_size), mesh, batch_size)
 
         first = batch()
         t0 = time.perf_counter()

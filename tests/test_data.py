@@ -1,5 +1,6 @@
 """The input pipeline: sources, determinism, process-count independence, exact resume, bad input."""
 
+import dataclasses
 import gzip
 import json
 
@@ -246,3 +247,17 @@ def test_positions_round_trip():
     state = positions_to_state(positions, 4)
     assert state.shape == (4, 3) and (state[1] == -1).all()
     assert state_to_positions(state.tolist()) == positions
+
+
+def test_an_eval_split_that_fills_few_shards_is_warned_about(tmp_path, caplog):
+    """Two files read whole fill 2 of 8 shards: evaluation batches would be mostly padding."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("\n".join(docs(30, seed=len(name))) + "\n")
+    cfg = config(source="files", train_files=(str(tmp_path / "*.txt"),), eval_files=(str(tmp_path / "*.txt"),),
+                 text_unit="file", num_shards=8)
+    check_data(Source(cfg, "eval"), cfg, every_shard=False)
+    assert any("only 2 of 8 logical data shards hold documents" in m and "data.num_shards" in m
+               for m in caplog.messages)
+    caplog.clear()
+    check_data(Source(cfg, "eval"), dataclasses.replace(cfg, num_shards=2), every_shard=False)
+    assert not caplog.messages

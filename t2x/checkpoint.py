@@ -36,6 +36,16 @@ from t2x.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
+
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax warns on every read-only open, which is how eval and resume checks open a run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+
 ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
 CHECKSUMS = "checksums"

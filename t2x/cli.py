@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
     from t2x.data.reader import DataError
     from t2x.data.tokenizer import TokenizerError
     from t2x.train.loop import NonFiniteError
-    from t2x.train.metrics import to_json
+    from t2x.train.metrics import MetricsError, to_json
 
-    user_errors = (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError)
+    user_errors = (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError, MetricsError)
     try:
         if args.command == "train":
             from t2x.train.loop import train

@@ -1,6 +1,7 @@
 """Config loading, overrides and the errors bad configs get."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -126,6 +127,7 @@ def test_launch_settings_are_not_part_of_a_run(tmp_path):
     assert load_run(str(tmp_path), ["distributed.mode=off"])[0].distributed.mode == "off"
 
 
+FUZZ_EXAMPLES = int(os.environ.get("T2X_FUZZ_EXAMPLES", "120"))  # reliability/run.py asks for thousands
 KEYS = ["model.num_layers", "model.d_model", "model.position", "model.dropout", "data.seq_len", "data.num_shards",
         "data.train_files", "mesh.data", "optim.lr", "optim.clip_norm", "train.steps", "train.global_batch_size",
         "checkpoint.keep", "distributed.mode", "eval.max_batches", "nonsense", "model", "model.nope.deeper"]
@@ -148,7 +150,7 @@ def _nested(pairs) -> dict:
     return tree
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(pairs=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4), as_yaml=st.booleans())
 def test_any_config_loads_or_fails_naming_a_key(pairs, as_yaml, tmp_path_factory):
     """Random and malformed values give a valid config or a ConfigError, never a library traceback."""
@@ -166,7 +168,7 @@ def test_any_config_loads_or_fails_naming_a_key(pairs, as_yaml, tmp_path_factory
     assert isinstance(cfg, Config)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(text=st.text(max_size=200))
 def test_any_yaml_text_loads_or_fails_naming_the_file(text, tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "c.yaml"

@@ -162,3 +162,19 @@ def test_attention_matches_reference(kv_heads):
     )
     expected = reference.attention(q, k, v, reference.mask_of(segment_ids))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_runs_accumulate_logits_in_float32(tied):
+    """The output projection takes bfloat16 operands but is never rounded to bfloat16:
+    its logits equal a float64 product of the same rounded operands to float32 precision."""
+    cfg = dataclasses.replace(BASE, dtype="bfloat16", tie_embeddings=tied, use_bias=False)
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(7))
+    model, params = init_params(cfg, tokens)
+    logits, state = model.apply({"params": params}, tokens, positions, segment_ids,
+                                capture_intermediates=lambda mdl, _: mdl.name == "final_norm")
+    hidden = np.asarray(state["intermediates"]["final_norm"]["__call__"][0], np.float64)  # bfloat16 values
+    table = params["embed"]["embedding"].T if tied else params["lm_head"]["kernel"]
+    expected = hidden @ np.asarray(jnp.asarray(table, jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
+    assert np.mean(np.asarray(logits) == np.asarray(logits).astype(jnp.bfloat16).astype(np.float32)) < 0.1

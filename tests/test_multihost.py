@@ -90,6 +90,11 @@ def test_two_processes_match_one_and_checkpoints_move_between_process_counts(tmp
     expected, _ = restored(reference, *MESH)
     for a, b in zip(jax.tree.leaves(written_by_two.params), jax.tree.leaves(expected.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Evaluating the run directory two processes wrote takes one process: it does not
+    # try to rejoin their job.
+    evaluated = subprocess.run([sys.executable, "-m", "t2x.cli", "eval", str(mixed)], env=cpu_env(8),
+                               capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["step"] == 4, evaluated.stderr[-2000:]
 
 
 def test_ctrl_c_on_one_process_checkpoints_both_and_resume_continues_the_curve(tmp_path):

@@ -136,3 +136,19 @@ def test_strict_mode_stops_at_the_first_problem_naming_the_file(tmp_path, tokeni
     cfg = files_config(path, num_shards=1, max_document_bytes=1000, strict=True)
     with pytest.raises(DataError, match=r"a\.txt.*data\.max_document_bytes.*data\.strict"):
         evaluated(cfg, tokenizer)
+
+
+def test_a_shard_whose_files_all_vanish_stops_training_instead_of_spinning(tmp_path, tokenizer):
+    from t2x.data.pipeline import TrainBatches
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("\n".join(f"{name} document {i} about parsing" for i in range(40)) + "\n")
+    cfg = DataConfig(source="files", train_files=(str(tmp_path / "*.txt"),), tokenizer="builtin:512", seq_len=16,
+                     num_shards=2, block_docs=8)
+    batches = TrainBatches(Source(cfg, "train"), tokenizer, cfg, 2, seed=0, rows=range(2))
+    next(batches)
+    (tmp_path / "b.txt").unlink()  # the second shard's only file
+    with pytest.raises(DataError, match="logical data shard 1 .* without a usable document"):
+        for _ in range(200):
+            next(batches)
+    batches.close()

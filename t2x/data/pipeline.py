@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ROW_FEATURES = ("tokens", "segment_ids", "positions", "num_bytes")
 _META = "meta"  # per row: epoch, block, row within block, rows in block
+_EPOCH, _BLOCK = "epoch", "block"  # per packed block, before rows are split out
 _ENDLESS = 1 << 62
 
 
@@ -141,7 +142,12 @@ def shard_rows(
             records = records.shuffle(cfg.doc_shuffle_buffer, seed=doc_seed, reshuffle_each_iteration=False)
         blocks = records.batch(cfg.block_docs).enumerate()
         blocks = blocks.skip(tf.where(epoch == start.epoch, tf.constant(start.block, tf.int64), 0))
-        return blocks.map(lambda block, recs: (epoch, block, recs[0], recs[1]))
+        blocks = blocks.map(lambda block, recs: (epoch, block, recs[0], recs[1]))
+        if not train:
+            return blocks
+        # An empty block -1 marks the epoch's end for the check below.
+        end = (epoch, tf.constant(-1, tf.int64), tf.zeros([0], tf.string), tf.zeros([0], tf.int32))
+        return blocks.concatenate(tf.data.Dataset.from_tensors(end))
 
     def pack(epoch, block, records, separators):
         outputs = tf.numpy_function(
@@ -152,12 +158,44 @@ def shard_rows(
             x.set_shape([None, seq_len])
         num_bytes.set_shape([None])
         meta.set_shape([None, 4])
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "num_bytes": num_bytes, _META: meta}
+        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "num_bytes": num_bytes,
+                _META: meta, _EPOCH: epoch, _BLOCK: block}
 
     epochs = tf.data.Dataset.range(start.epoch, _ENDLESS) if train else tf.data.Dataset.range(1)
-    rows = epochs.flat_map(epoch_blocks)
-    rows = rows.map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+    rows = epochs.flat_map(epoch_blocks).map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if train:
+        rows = rows.map(_epoch_watch(source, shard, start, stats))  # in order, after the parallel packing
+    rows = rows.map(lambda b: {k: v for k, v in b.items() if k not in (_EPOCH, _BLOCK)}).unbatch()
     return rows.skip(start.row) if start.row else rows
+
+
+def _epoch_watch(source: Source, shard: int, start: ShardPosition, stats: DataStats):
+    """A training shard that reads a whole epoch without a single row (its files deleted
+    or unreadable since the run began) would be read again forever: stop it instead."""
+    rows_in_epoch: dict[int, int] = {}
+
+    def check(epoch, block, rows):
+        epoch = int(epoch)
+        if block >= 0:
+            rows_in_epoch[epoch] = rows_in_epoch.get(epoch, 0) + int(rows)
+            return True
+        resumed_mid_epoch = epoch == start.epoch and start.block > 0
+        if rows_in_epoch.pop(epoch, 0) == 0 and not resumed_mid_epoch:
+            error = DataError(
+                f"logical data shard {shard} of {source.description} read all of epoch {epoch} without a usable "
+                "document: its files were deleted or became unreadable since the run began (see the warnings); "
+                "restore them, or start a new train.run_dir for the data as it is now"
+            )
+            stats.first_error = stats.first_error or error
+            raise error
+        return True
+
+    def watch(batch):
+        ok = tf.numpy_function(check, [batch[_EPOCH], batch[_BLOCK], tf.shape(batch["num_bytes"])[0]], tf.bool)
+        with tf.control_dependencies([ok]):
+            return {k: tf.identity(v) for k, v in batch.items()}
+
+    return watch
 
 
 def _concat_shards(*shards):

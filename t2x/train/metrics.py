@@ -25,6 +25,10 @@ def to_json(value: Any) -> str:
     return json.dumps(json_safe(value), allow_nan=False)
 
 
+class MetricsError(OSError):
+    """The run directory's metrics cannot be written (a full disk, say)."""
+
+
 class MetricsWriter:
     """Appends ``{"split", "step", ...metrics}`` lines to ``metrics.jsonl`` and writes the
     same scalars to ``tensorboard/<split>``. A ``"resume"`` record marks where a resumed
@@ -44,17 +48,25 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"split": split, "step": step, **metrics, "time": round(time.time(), 3)}
-        self._jsonl.write(to_json(record) + "\n")
-        self._jsonl.flush()
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if not scalars:
-            return
-        if split not in self._writers:
-            self._writers[split] = self._tf.summary.create_file_writer(os.path.join(self._run_dir, "tensorboard", split))
-        with self._writers[split].as_default(step=step):
-            for name, value in scalars.items():
-                self._tf.summary.scalar(name, value)
-        self._writers[split].flush()
+        try:
+            self._jsonl.write(to_json(record) + "\n")
+            self._jsonl.flush()
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            if not scalars:
+                return
+            if split not in self._writers:
+                folder = os.path.join(self._run_dir, "tensorboard", split)
+                self._writers[split] = self._tf.summary.create_file_writer(folder)
+            with self._writers[split].as_default(step=step):
+                for name, value in scalars.items():
+                    self._tf.summary.scalar(name, value)
+            self._writers[split].flush()
+        except (OSError, self._tf.errors.OpError) as e:
+            reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+            raise MetricsError(
+                f"cannot write the metrics of step {step} in {self._run_dir} ({reason}); free space or fix the "
+                "filesystem, then rerun to resume from the last checkpoint"
+            ) from None
 
     def close(self) -> None:
         if self._jsonl:

@@ -9,9 +9,9 @@ the step, the item and what is wrong, and a checkpoint that does not fit the mod
 reported as such.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a step
-is either whole or absent. Deleting a step renames it out of the way first (on local and
-network filesystems), so a kill during deletion never leaves half a step behind, and a
-damaged step is moved to ``_damaged/`` rather than deleted.
+is either whole or absent. Deleting a step removes its step metadata first, so a kill
+during deletion never leaves half a step that is listed; a damaged step is moved to
+``_damaged/`` rather than deleted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -50,8 +51,8 @@ ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
 CHECKSUMS = "checksums"
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step
+DELETING = "_T2X_DELETING"  # marks a step whose deletion has begun
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of steps Orbax has not finished writing
-DELETED = "_deleted"  # steps being deleted are renamed here first
 DAMAGED = "_damaged"  # damaged steps set aside
 
 
@@ -163,6 +164,17 @@ def _quiet_closed_loop_noise() -> None:
     sys.unraisablehook = hook
 
 
+def _from_process_zero(values: list[int]) -> list[int]:
+    """Process 0's list of integers, on every process."""
+    if jax.process_count() == 1:
+        return values
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(values))))
+    padded = np.full(max(count, 1), -1, np.int32)
+    if jax.process_index() == 0:
+        padded[:count] = values
+    return [int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(padded))[:count]]
+
+
 def _all_processes_ok(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
@@ -170,8 +182,28 @@ def _all_processes_ok(ok: bool) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
+    """The most specific line an error chain offers (TensorStore's own reason, not the
+    Orbax wrapper around it), without the storage spec."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
     text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:400]
+    text = re.sub(r' in OCDBT database at [^:]*"[^"]*"', "", text.splitlines()[0])
+    return text[:400]
+
+
+def _delete_step(folder: epath.Path) -> None:
+    """Mark a step as being deleted, remove its step metadata (it is no longer listed),
+    then its files, and the mark last: a kill at any point leaves a folder that is never
+    listed and that the next start finishes deleting."""
+    if not folder.exists():
+        return
+    (folder / DELETING).write_text("")
+    if (folder / STEP_METADATA).exists():
+        (folder / STEP_METADATA).unlink()
+    for entry in folder.iterdir():
+        if entry.name != DELETING:
+            _remove(entry)
+    _remove(folder)
 
 
 def _remove(path: epath.Path) -> None:
@@ -222,19 +254,24 @@ class Checkpointer:
                 max_to_keep=None,  # retention is t2x's: see steps_to_delete
                 enable_async_checkpointing=cfg.async_save,
                 cleanup_tmp_directories=True,
-                todelete_subdir=DELETED,
             )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None  # step of a save that may still be writing
         if not read_only:
-            self._purge_deleted()
             self._remove_partial()
+            self._finish_deletes()
 
     # Listing.
 
     def all_steps(self) -> list[int]:
-        """Steps of complete checkpoints, ascending. A step whose directory has lost
-        Orbax's step metadata (the first file a non-atomic delete removes) is not one."""
+        """Steps of complete checkpoints, ascending, as process 0 sees them (it finishes
+        every save, so the others may see one late). A step whose directory has lost
+        Orbax's step metadata (the first file a non-atomic delete removes) is not one.
+        Every process must call this."""
+        return _from_process_zero(self.local_steps() if jax.process_index() == 0 else [])
+
+    def local_steps(self) -> list[int]:
+        """The complete steps this process sees, for messages (no collective: safe on an error path)."""
         return sorted(s for s in self.manager.all_steps() if (self.directory / str(s) / STEP_METADATA).exists())
 
     def latest_step(self) -> int | None:
@@ -267,8 +304,11 @@ class Checkpointer:
         """
         if step in self.all_steps():
             return False
-        if step in self.manager.all_steps():  # the remnant of a step a delete left unfinished
+        remnant = jax.process_index() == 0 and (self.directory / str(step)).exists()
+        if _from_process_zero([step] if remnant else []):  # a folder without step metadata
             log.warning("moved an incomplete checkpoint %d to %s", step, self.set_aside(step))
+        if step in self.manager.all_steps():  # Orbax still lists a step deleted earlier
+            self._reload()
         checksums = {
             "arrays": {item: array_checksums(tree) for item, tree in arrays.items()},
             "json": {item: json_checksum(value) for item, value in json_items.items()},
@@ -298,7 +338,7 @@ class Checkpointer:
             pending, self._pending = self._pending, None
             failed = pending if pending is not None else step
             self._remove_partial()
-            intact = [s for s in self.all_steps() if s != failed]
+            intact = [s for s in self.local_steps() if s != failed]
             where = f"step {max(intact)} is the newest complete checkpoint" if intact else "no earlier checkpoint exists"
             raise CheckpointError(
                 f"saving the checkpoint of step {failed} in {self.directory} failed ({_first_line(e)}); "
@@ -308,11 +348,27 @@ class Checkpointer:
     # Deleting and setting aside.
 
     def delete(self, steps: Sequence[int]) -> None:
-        """Delete ``steps`` (every process calls this; process 0 does the work)."""
-        for step in steps:
-            self.manager.delete(step)
-        if steps:
-            self._purge_deleted()
+        """Delete ``steps`` (every process calls this, with the same steps; process 0 does
+        the work). A step's metadata goes first: from then on it is not listed, so a kill
+        halfway through leaves nothing a restore would pick."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                _delete_step(self.directory / str(step))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"t2x deleted checkpoints {list(steps)}")
+
+    def retain(self, keep: int, keep_every: int | None, unconfirmed: int | None) -> None:
+        """Delete what ``steps_to_delete`` allows (every process calls this)."""
+        self.delete(steps_to_delete(self.all_steps(), keep, keep_every, unconfirmed))
+
+    def _finish_deletes(self) -> None:
+        """Finish deleting the steps a kill interrupted (they carry the deletion mark)."""
+        if jax.process_index() == 0 and self.directory.exists():
+            for entry in self.directory.iterdir():
+                if entry.is_dir() and (entry / DELETING).exists():
+                    _delete_step(entry)
 
     def _remove_partial(self) -> None:
         """Remove what an interrupted or failed save left (Orbax's temporary folders)."""
@@ -320,12 +376,6 @@ class Checkpointer:
             for entry in self.directory.iterdir():
                 if TMP_MARK in entry.name:
                     _remove(entry)
-
-    def _purge_deleted(self) -> None:
-        trash = self.directory / DELETED
-        if jax.process_index() == 0 and trash.exists():
-            for entry in trash.iterdir():
-                _remove(entry)
 
     def set_aside(self, step: int) -> str:
         """Move a damaged step to ``_damaged/`` (kept for inspection, out of every listing).
@@ -339,8 +389,14 @@ class Checkpointer:
             (self.directory / str(step)).rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"t2x set aside checkpoint {step}")
-        self.manager.reload()
+        self._reload()
         return str(target)
+
+    def _reload(self) -> None:
+        """Make Orbax list the steps on disk again. It would forget a save still in
+        flight, so that save is finished first."""
+        self.wait()
+        self.manager.reload()
 
     # Reading.
 

@@ -230,3 +230,14 @@ def test_the_newest_save_does_not_count_until_training_past_it_stays_finite():
     assert steps_to_delete([10, 20, 30, 40], keep=3, keep_every=None, unconfirmed=40) == []
     assert steps_to_delete([10, 20, 30, 40, 50], keep=3, keep_every=None, unconfirmed=50) == [10]
     assert steps_to_delete([5, 10, 15, 20], keep=1, keep_every=10, unconfirmed=20) == [5]
+
+
+def test_a_delete_cut_short_is_never_listed_and_is_finished_at_the_next_start(trained, tmp_path):
+    run = copy_of(trained, tmp_path)
+    step_dir = run / "checkpoints" / "2"
+    (step_dir / "_T2X_DELETING").write_text("")  # as a kill after the first deletions leaves it
+    os.remove(step_dir / "_CHECKPOINT_METADATA")
+    shutil.rmtree(step_dir / "params")
+    assert Checkpointer(run / "checkpoints", read_only=True).all_steps() == [4]
+    Checkpointer(run / "checkpoints").close()  # a writable open finishes the job
+    assert sorted(os.listdir(run / "checkpoints")) == ["4"]

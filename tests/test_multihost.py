@@ -3,6 +3,7 @@ device order), SLURM, preemption, lost processes, and jobs that cannot start."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,6 +135,10 @@ def _start(env, run_dir, *overrides):
 def test_slurm_environment_is_detected_and_process_zero_alone_builds_the_tokenizer(tmp_path):
     port = str(free_port())
     caches = [tmp_path / f"cache{i}" for i in range(2)]
+    from t2x.data import corpus
+
+    for cache in caches:  # the built-in corpus, but no tokenizer
+        shutil.copytree(corpus.corpus_dir(), cache / "corpus" / corpus.corpus_dir().name)
     procs = [
         _start(cpu_env(4, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                           SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=port,

@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from t2x.checkpoint import Checkpointer, steps_to_delete
+from t2x.checkpoint import Checkpointer
 from t2x.components import build
 from t2x.config import Config, to_dict, to_yaml, without_launch_settings
 from t2x.data.pipeline import TrainBatches, check_data, positions_to_state, state_to_positions
@@ -184,13 +184,12 @@ class _Run:
         """Delete what retention allows; the newest save counts only once steps after it
         were finite (or the run ended)."""
         ckpt = self.cfg.checkpoint
-        steps = self.checkpointer.all_steps()
-        self.checkpointer.delete(steps_to_delete(steps, ckpt.keep, ckpt.keep_every, self.unconfirmed))
+        self.checkpointer.retain(ckpt.keep, ckpt.keep_every, self.unconfirmed)
 
     def _checkpoint_note(self) -> str:
         """Which checkpoints a non-finite stop leaves, for its message."""
         self.checkpointer.wait()
-        steps = self.checkpointer.all_steps()
+        steps = self.checkpointer.local_steps()
         if self.newest_checkpoint is None or not steps:
             return "no checkpoint has been saved yet"
         earlier = [s for s in steps if s < self.newest_checkpoint]

@@ -134,8 +134,9 @@ def test_strict_mode_stops_at_the_first_problem_naming_the_file(tmp_path, tokeni
     path = tmp_path / "a.txt"
     path.write_text("fine line\n" + "x" * 3000 + "\nfine again\n")
     cfg = files_config(path, num_shards=1, max_document_bytes=1000, strict=True)
-    with pytest.raises(DataError, match=r"a\.txt.*data\.max_document_bytes.*data\.strict"):
+    with pytest.raises(DataError, match=r"a\.txt.*data\.max_document_bytes.*data\.strict") as caught:
         evaluated(cfg, tokenizer)
+    assert "skipped" not in str(caught.value).split("(data.strict")[0]  # nothing was skipped: the run stops
 
 
 def test_a_shard_whose_files_all_vanish_stops_training_instead_of_spinning(tmp_path, tokenizer):

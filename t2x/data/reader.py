@@ -56,9 +56,9 @@ class DataStats:
         with self._lock:
             self._counts["documents"] += count
 
-    def problem(self, kind: str, what: str, count: int = 1) -> None:
-        """Count ``count`` problems of ``kind``; ``what`` says where and what was done,
-        for the warning (or, when strict, the error)."""
+    def problem(self, kind: str, what: str, done: str, count: int = 1) -> None:
+        """Count ``count`` problems of ``kind``: ``what`` says where and what is wrong (the
+        error, when strict), ``done`` what was done about it (for the warning)."""
         with self._lock:
             self._counts[kind] += count
             seen = self._counts[kind]
@@ -69,7 +69,7 @@ class DataStats:
             raise error
         if seen - count < _WARNINGS_PER_KIND:
             more = f" (further ones are only counted, as {kind} in the metrics)" if seen >= _WARNINGS_PER_KIND else ""
-            log.warning("%s%s", what, more)
+            log.warning("%s; %s%s", what, done, more)
 
     def reset(self) -> None:
         with self._lock:
@@ -95,7 +95,7 @@ def _lines(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple[byt
         if line.endswith(b"\r"):
             line, terminator = line[:-1], terminator + 1
         if len(line) > max_bytes:
-            stats.problem("oversized_documents", f"{path}: a line of {len(line):,} bytes exceeds data.max_document_bytes; skipped")
+            stats.problem("oversized_documents", f"{path}: a line of {len(line):,} bytes exceeds data.max_document_bytes", "skipped")
         elif line.strip():
             return line, terminator
         return None
@@ -117,7 +117,7 @@ def _lines(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple[byt
             pending_bytes += len(tail)
             if pending_bytes > max_bytes + 1:  # + 1: room for a '\r' that a '\n' would follow
                 stats.problem(
-                    "oversized_documents", f"{path}: a line of over {max_bytes:,} bytes exceeds data.max_document_bytes; skipped"
+                    "oversized_documents", f"{path}: a line of over {max_bytes:,} bytes exceeds data.max_document_bytes", "skipped"
                 )
                 pending, pending_bytes, skipping = [], 0, True
     if pending and (record := emit(b"".join(pending), 0)) is not None:
@@ -140,21 +140,21 @@ def _tfrecords(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple
     index = 0
     while header := f.read(12):
         if len(header) < 12 or _masked_crc(header[:8]) != struct.unpack("<I", header[8:])[0]:
-            stats.problem("corrupt_records", f"{path}: record {index} has a damaged length; the rest of the file is skipped")
+            stats.problem("corrupt_records", f"{path}: record {index} has a damaged length", "the rest of the file is skipped")
             return
         (length,) = struct.unpack("<Q", header[:8])
         if length > max_bytes:
-            stats.problem("oversized_documents", f"{path}: record {index} of {length:,} bytes exceeds data.max_document_bytes; skipped")
+            stats.problem("oversized_documents", f"{path}: record {index} of {length:,} bytes exceeds data.max_document_bytes", "skipped")
             skipped = 0
             while skipped < length + 4 and (piece := f.read(min(CHUNK_BYTES, length + 4 - skipped))):
                 skipped += len(piece)
         else:
             data, footer = f.read(length), f.read(4)
             if len(data) < length or len(footer) < 4:
-                stats.problem("corrupt_records", f"{path}: record {index} is truncated; the rest of the file is lost")
+                stats.problem("corrupt_records", f"{path}: record {index} is truncated", "the rest of the file is lost")
                 return
             if _masked_crc(data) != struct.unpack("<I", footer)[0]:
-                stats.problem("corrupt_records", f"{path}: record {index} fails its checksum; skipped")
+                stats.problem("corrupt_records", f"{path}: record {index} fails its checksum", "skipped")
             else:
                 yield data, 0
         index += 1
@@ -163,7 +163,7 @@ def _tfrecords(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple
 def _whole_file(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple[bytes, int]]:
     data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        stats.problem("oversized_documents", f"{path}: over {max_bytes:,} bytes exceed data.max_document_bytes; skipped")
+        stats.problem("oversized_documents", f"{path}: over {max_bytes:,} bytes exceed data.max_document_bytes", "skipped")
         return
     if data.strip():
         yield data, 0
@@ -188,7 +188,7 @@ def read_file(path: str, kind: str, max_bytes: int, stats: DataStats) -> Iterato
     except (OSError, EOFError, tf.errors.OpError) as e:
         reason = getattr(e, "message", None) or str(e)
         reason = reason.splitlines()[0] if reason else type(e).__name__
-        stats.problem("unreadable_files", f"{path} could not be read ({reason}); the rest of it is skipped")
+        stats.problem("unreadable_files", f"{path} could not be read ({reason})", "the rest of it is skipped")
 
 
 @tf.autograph.experimental.do_not_convert

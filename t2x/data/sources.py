@@ -122,13 +122,13 @@ def decode_records(
         if fmt == "tfrecord":
             raw = _example_text(raw, text_key)
             if raw is None:
-                stats.problem("bad_records", f"{where}: a tf.train.Example without a bytes feature {text_key!r}; skipped")
+                stats.problem("bad_records", f"{where}: a tf.train.Example without a bytes feature {text_key!r}", "skipped")
                 continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             action = "skipped" if invalid_utf8 == "skip" else "repaired with U+FFFD"
-            stats.problem("invalid_utf8", f"{where}: a document has bytes that are not UTF-8 ({e.reason} at byte {e.start}); {action}")
+            stats.problem("invalid_utf8", f"{where}: a document has bytes that are not UTF-8 ({e.reason} at byte {e.start})", action)
             if invalid_utf8 == "skip":
                 continue
             text = raw.decode("utf-8", errors="replace")
@@ -138,7 +138,7 @@ def decode_records(
             except (ValueError, KeyError, TypeError, IndexError):
                 text = None
             if not isinstance(text, str):
-                stats.problem("bad_records", f"{where}: a JSONL line that is not an object with a string field {text_key!r}; skipped")
+                stats.problem("bad_records", f"{where}: a JSONL line that is not an object with a string field {text_key!r}", "skipped")
                 continue
         if text.strip():
             texts.append(text)

@@ -178,3 +178,13 @@ def test_bfloat16_runs_accumulate_logits_in_float32(tied):
     expected = hidden @ np.asarray(jnp.asarray(table, jnp.bfloat16), np.float64)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
     assert np.mean(np.asarray(logits) == np.asarray(logits).astype(jnp.bfloat16).astype(np.float32)) < 0.1
+
+
+def test_importing_t2x_selects_the_cpu_schedule_that_cannot_deadlock():
+    import os
+
+    import t2x  # noqa: F401
+
+    # Set before this process created its CPU backend (conftest imports t2x first).
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
+    assert len(jax.devices()) == 8

@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
         _exit_now(1)
     if not _multi_process() or _is_process_zero():
         print(to_json(result), file=result_stream or sys.stdout, flush=True)
+    if _multi_process():
+        from t2x.parallel.distributed import finished
+
+        finished()
     return 0
 
 

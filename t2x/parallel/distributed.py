@@ -8,7 +8,10 @@ Kubernetes. A process that is not part of a job stays a single process and nothi
 changes.
 
 JAX ends a process with a C++ abort, not an error, when the coordinator's port is taken
-or the coordinator cannot be reached; both are checked first and reported here.
+or the coordinator cannot be reached; both are checked first and reported here. It also
+notices a process that dies only when its heartbeats stop, and then aborts the others
+the same way; so every process keeps a TCP connection to process 0 (see ``_PeerWatch``),
+and the end of one is seen at once and reported by name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import json
 import logging
 import os
 import re
+import selectors
 import socket
+import sys
+import threading
 import time
 
 import jax
@@ -175,6 +181,7 @@ def initialize(cfg: DistributedConfig) -> bool:
     except (ValueError, RuntimeError, TypeError) as e:
         raise ConfigError(f"cannot join the multi-process job that {source} describes ({e})") from None
     _record_hosts()
+    _PeerWatch.start(address, cfg.initialization_timeout)
     log.info(
         "process %d of %d joined the job; %d of its %d devices are local",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -224,3 +231,109 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
     keys = sorted(counts)
     totals = np.sum(multihost_utils.process_allgather(np.array([counts[k] for k in keys], np.int64)), axis=0)
     return {k: int(v) for k, v in zip(keys, totals)}
+
+
+class _PeerWatch:
+    """Every process keeps one TCP connection with process 0; a connection that closes
+    without a goodbye means that process ended abnormally. Process 0 tells the others
+    which process it lost, then ends; the others end when they hear it, or when process
+    0's own connection closes. Each ends at once, naming the lost process, wherever the
+    main thread is blocked (a collective waiting for the dead process, say).
+
+    Where the connections cannot be made (a firewall between hosts), a warning says so and
+    JAX's heartbeat timeout remains the only detection.
+    """
+
+    _connections: list[tuple[int, socket.socket]] = []
+    _ending = False
+
+    @classmethod
+    def start(cls, coordinator: str, timeout: int) -> None:
+        me, count = jax.process_index(), jax.process_count()
+        try:
+            listener = None
+            if me == 0:
+                host = _local_address(coordinator)
+                listener = socket.create_server(("", 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                                backlog=count)
+                endpoint = np.frombuffer(f"{host} {listener.getsockname()[1]}".encode().ljust(64), np.uint8)
+            else:
+                endpoint = np.zeros(64, np.uint8)
+            endpoint = multihost_utils.broadcast_one_to_all(endpoint)
+            host, port = bytes(np.asarray(endpoint)).decode().split()
+            if me == 0:
+                listener.settimeout(timeout)
+                for _ in range(count - 1):
+                    connection, _ = listener.accept()
+                    peer = int(connection.recv(16).decode().strip() or -1)
+                    cls._connections.append((peer, connection))
+                listener.close()
+            else:
+                connection = socket.create_connection((host, int(port)), timeout=timeout)
+                connection.sendall(f"{me}".encode().ljust(16))
+                cls._connections.append((0, connection))
+        except (OSError, ValueError) as e:
+            log.warning("cannot watch the other processes over TCP (%s); a process that dies is noticed only after "
+                        "distributed.heartbeat_timeout", e)
+            cls.close()
+            return
+        threading.Thread(target=cls._watch, name="t2x-peer-watch", daemon=True).start()
+
+    @classmethod
+    def _watch(cls) -> None:
+        selector = selectors.DefaultSelector()
+        for peer, connection in cls._connections:
+            connection.settimeout(None)
+            selector.register(connection, selectors.EVENT_READ, peer)
+        while True:
+            for key, _ in selector.select():
+                peer, connection = key.data, key.fileobj
+                try:
+                    message = connection.recv(64).decode(errors="replace")
+                except OSError:
+                    message = ""
+                if message.startswith("bye"):
+                    selector.unregister(connection)
+                    continue
+                lost = int(message.split()[1]) if message.startswith("lost") else peer
+                if cls._ending:
+                    return
+                cls._end(lost)
+
+    @classmethod
+    def _end(cls, lost: int) -> None:
+        for _, connection in cls._connections:  # process 0 tells the others who was lost
+            try:
+                connection.sendall(f"lost {lost}".encode())
+            except OSError:
+                pass
+        print(f"t2x: error: process {jax.process_index()} lost contact with process {lost} of the job, which "
+              "ended without finishing (it died, was killed, or failed: see its log); rerun every process to "
+              "resume from the last checkpoint", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    @classmethod
+    def close(cls) -> None:
+        """Say goodbye: this process is ending normally."""
+        cls._ending = True
+        for _, connection in cls._connections:
+            try:
+                connection.sendall(b"bye")
+                connection.close()
+            except OSError:
+                pass
+        cls._connections = []
+
+
+def finished() -> None:
+    """Tell the other processes that this one ends normally (call it last)."""
+    _PeerWatch.close()
+
+
+def _local_address(coordinator: str) -> str:
+    """The address of this host on the interface that reaches the coordinator."""
+    host = coordinator.rsplit(":", 1)[0].strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # no packet is sent: this only picks the route
+        return probe.getsockname()[0]

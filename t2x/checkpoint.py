@@ -16,6 +16,7 @@ during deletion never leaves half a step that is listed; a damaged step is moved
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -38,18 +39,21 @@ from t2x.config import CheckpointConfig
 log = logging.getLogger(__name__)
 
 
-class _ReadOnlyNotice(logging.Filter):
-    """Orbax warns on every read-only open, which is how eval and resume checks open a run."""
+class _OrbaxNotices(logging.Filter):
+    """Orbax warns on every read-only open (how eval and resume checks open a run) and
+    when its array handler is replaced (see ``_configure_array_writes``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Given directory is read only")
+        message = record.getMessage()
+        return not (message.startswith("Given directory is read only") or "overriding jax.Array" in message)
 
 
-logging.getLogger("absl").addFilter(_ReadOnlyNotice())
+logging.getLogger("absl").addFilter(_OrbaxNotices())
 
 ARRAY_ITEMS = ("params", "opt_state")
 JSON_ITEMS = ("data", "config")
 CHECKSUMS = "checksums"
+MIN_SLICE_BYTES = 1 << 20  # replicated arrays smaller than this are written by one replica
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step
 DELETING = "_T2X_DELETING"  # marks a step whose deletion has begun
 TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of steps Orbax has not finished writing
@@ -191,6 +195,22 @@ def _first_line(e: BaseException) -> str:
     return text[:400]
 
 
+@functools.cache
+def _configure_array_writes(multi_process: bool) -> None:
+    """Orbax splits a replicated array into slices that its replicas write side by side,
+    so that several hosts share the writing. Each distinct slice is a compiled program:
+    that is worth it for large arrays on several hosts, not for small ones, nor in one
+    process (which writes every slice itself). Orbax takes the setting only through its
+    global registry of type handlers."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=multi_process, min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES
+        ),
+        override=True,
+    )
+
+
 def _delete_step(folder: epath.Path) -> None:
     """Mark a step as being deleted, remove its step metadata (it is no longer listed),
     then its files, and the mark last: a kill at any point leaves a folder that is never
@@ -255,6 +275,7 @@ class Checkpointer:
                 enable_async_checkpointing=cfg.async_save,
                 cleanup_tmp_directories=True,
             )
+        _configure_array_writes(jax.process_count() > 1)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._pending: int | None = None  # step of a save that may still be writing
         if not read_only:

@@ -70,6 +70,12 @@ def restored(run_dir, *overrides: str, step=None, devices=None):
     return resumed.state, resumed.data_state
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the default in pyproject.toml): one worker per core, at most 4; each
+    worker is a JAX process with 8 virtual devices, and some tests start two more."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 set before JAX loads"

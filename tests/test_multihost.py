@@ -70,61 +70,45 @@ def wait_for_steps(run_dir, count, proc, timeout=120):
     raise AssertionError(f"the job did not reach step {count} in {timeout} s")
 
 
-def test_two_processes_match_one_and_checkpoints_move_between_process_counts(tmp_path):
-    """Steps 1-2 in this process, 3-4 in a two-process job whose mesh interleaves the
-    processes' devices (each process holds every other row of the batch), as a
-    multi-host TPU slice can: the losses and parameters are those of one process."""
+def test_two_processes_match_one_through_ctrl_c_and_checkpoints_move_between_process_counts(tmp_path):
+    """Steps 1-2 in this process; then a two-process job whose mesh interleaves the
+    processes' devices (each process holds every other row of the batch, as on a
+    multi-host TPU slice) until Ctrl-C on one process checkpoints both; then a plain
+    two-process job to the end. The losses and parameters are those of one process."""
+    steps = ["train.steps=12", "optim.decay_steps=12", "checkpoint.every=1000"]
     reference = tmp_path / "reference"
-    train(tiny_config(reference, "train.steps=4", "checkpoint.every=2", *MESH))
-    mixed = tmp_path / "mixed"
-    train(tiny_config(mixed, "train.steps=2", "optim.decay_steps=4", "checkpoint.every=2", *MESH))
-    job = local_job(mixed, "train.steps=4", "optim.decay_steps=4", "checkpoint.every=2",
-                    t2x=f"{sys.executable} {INTERLEAVED}")
-    out, err = job.communicate(timeout=300)
-    assert job.returncode == 0, err[-3000:]
-    assert "process 0 of 2 joined the job" in err
-    assert [r["step"] for r in results(out)] == [4], "one result, from process 0"
-    ref, got = losses(reference), losses(mixed)
-    np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=2e-5)
-    # The checkpoint the two processes wrote restores here, in one process, on another mesh.
-    written_by_two, _ = restored(mixed, "mesh.data=8", "mesh.fsdp=1")
-    expected, _ = restored(reference, *MESH)
-    for a, b in zip(jax.tree.leaves(written_by_two.params), jax.tree.leaves(expected.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    # Evaluating the run directory two processes wrote takes one process: it does not
-    # try to rejoin their job.
-    evaluated = subprocess.run([sys.executable, "-m", "t2x.cli", "eval", str(mixed)], env=cpu_env(8),
-                               capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["step"] == 4, evaluated.stderr[-2000:]
-
-
-def test_ctrl_c_on_one_process_checkpoints_both_and_resume_continues_the_curve(tmp_path):
-    """SIGINT on one process goes through JAX's preemption service, as SIGTERM does."""
+    train(tiny_config(reference, *steps, *MESH))
     run = tmp_path / "run"
-    steps = ["train.steps=30", "checkpoint.every=1000"]
-    job = local_job(run, *steps)
+    train(tiny_config(run, "train.steps=2", "optim.decay_steps=12", "checkpoint.every=1000", *MESH))
+
+    job = local_job(run, *steps, t2x=f"{sys.executable} {INTERLEAVED}")
     wait_for_steps(run, 4, job)
     workers = subprocess.run(["pgrep", "-f", f"train.run_dir={run} .*distributed.process_id=1"],
                              capture_output=True, text=True).stdout.split()
     assert len(workers) == 1
-    os.kill(int(workers[0]), signal.SIGINT)
+    os.kill(int(workers[0]), signal.SIGINT)  # through JAX's preemption service, as SIGTERM
     out, err = job.communicate(timeout=120)
     assert job.returncode == 0, err[-3000:]
-    [stopped] = results(out)
+    assert "process 0 of 2 joined the job" in err
+    [stopped] = results(out)  # one result, from process 0
     assert stopped["preempted"]
     at = stopped["step"]
-    assert 4 <= at < 30
-    assert Checkpointer(run / "checkpoints", read_only=True).all_steps() == [at]
+    assert 4 <= at < 12
+    assert Checkpointer(run / "checkpoints", read_only=True).all_steps() == [2, at]
 
     resumed = local_job(run, *steps)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
-    assert [r["step"] for r in results(out)] == [30]
-    reference = tmp_path / "reference"
-    train(tiny_config(reference, *steps, *MESH))
+    assert [r["step"] for r in results(out)] == [12]
     ref, got = losses(reference), losses(run)
-    assert sorted(got) == list(range(1, 31))
-    np.testing.assert_allclose([got[s] for s in range(1, 31)], [ref[s] for s in range(1, 31)], rtol=5e-5)
+    assert sorted(got) == list(range(1, 13))
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [ref[s] for s in range(1, 13)], rtol=5e-5)
+    # The checkpoint the two processes wrote restores here, in one process, on another
+    # mesh. (The attention key bias has no gradient, only rounding noise: hence atol.)
+    written_by_two, _ = restored(run, "mesh.data=8", "mesh.fsdp=1", *steps)
+    expected, _ = restored(reference, *MESH, *steps)
+    for a, b in zip(jax.tree.leaves(written_by_two.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _start(env, run_dir, *overrides):

@@ -525,3 +525,35 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def restore_params(directory: str, step: int | None, abstract: Any, shardings: Any, on_damage: str = "fallback") -> tuple[Any, int]:
+    """The parameters of a checkpoint, restored onto ``shardings`` and verified.
+
+    ``step`` None takes the newest checkpoint that verifies (an older one, with a warning,
+    when newer ones are damaged and ``on_damage`` is ``fallback``); a given step must
+    verify. Nothing in ``directory`` is changed.
+
+    Returns:
+      (parameters, the step they are of).
+
+    Raises:
+      CheckpointError: no checkpoint (of that step), or it is damaged or does not fit.
+    """
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        candidates = [checkpointer.check_step(step)] if step is not None else checkpointer.all_steps()[::-1]
+        if not candidates:
+            checkpointer.check_step(None)  # raises: no checkpoint
+        for candidate in candidates:
+            try:
+                return checkpointer.restore(candidate, {"params": abstract}, {"params": shardings})["params"], candidate
+            except CheckpointMismatchError as e:
+                raise CheckpointError(f"{e}; use the model config it was trained with") from None
+            except DamagedCheckpointError as e:
+                if step is not None or on_damage == "stop":
+                    raise
+                log.warning("%s; using the checkpoint before it", e)
+        raise CheckpointError(f"no checkpoint in {checkpointer.directory} verifies; see the warnings above")
+    finally:
+        checkpointer.close()

@@ -78,7 +78,88 @@ def _parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
     tok_train.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     tok_train.add_argument("--text-key", default="text", help="text field of JSONL objects and tf.train.Examples")
+    _inference_parsers(commands)
     return parser
+
+
+MESH_HELP = "mesh.data=N, mesh.fsdp=N or mesh.tensor=N: spread the model or the batch over this machine's devices " \
+    "(default: one device)"
+
+
+def _inference_parsers(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint's parameters for inference",
+        description="Write a run's checkpoint (any mesh, any number of processes wrote it) as an export directory: "
+        "model.safetensors (parameters only), config.yaml, tokenizer.model and manifest.json (source run and "
+        "step, dtype, parameter count, t2x version, SHA-256 of each file). Reading it back needs neither Orbax "
+        "nor TensorFlow. Prints the manifest as JSON, with the output path.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that verifies)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="float32 keeps the trained values bit for bit; bfloat16 rounds them")
+    export.add_argument("--format", choices=["t2x"], default="t2x", help="the t2x export format (safetensors)")
+
+    def source(p):
+        p.add_argument("source", metavar="EXPORT_OR_RUN", help="an export directory, or a run directory")
+        p.add_argument("--step", type=int, default=None, help="a run directory's checkpoint step (default: newest)")
+        p.add_argument("overrides", nargs="*", metavar="mesh.AXIS=N", help=MESH_HELP)
+
+    generate = commands.add_parser(
+        "generate",
+        help="continue prompts with a model",
+        description="Continue each prompt, decoding with a KV cache and up to --slots sequences at once. Greedy by "
+        "default; --temperature > 0 samples (with --top-k, --top-p and --seed). A completion ends at the "
+        "end-of-text token, at a --stop string (cut before it), at --max-new-tokens, or at the model's context. "
+        "Prints JSON: completions, each with prompt, text, tokens, prompt_tokens and finish_reason (eos, stop, "
+        "length).",
+    )
+    source(generate)
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for more")
+    prompts.add_argument("--prompt-file", metavar="FILE",
+                         help="one prompt per line (\\n for a newline), or JSON lines with a \"prompt\" field")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                          "probabilities add up to P")
+    generate.add_argument("--seed", type=int, default=0, help="random seed of the first sample (the n-th: seed+n)")
+    generate.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeat for more")
+    generate.add_argument("--slots", type=int, default=None, help="sequences decoded at once (default: up to 32)")
+
+    score = commands.add_parser(
+        "score",
+        help="log-likelihood, perplexity and bits per byte of each text in a file",
+        description="Score each text of FILE (one per line, or JSON lines with a \"text\" field when FILE ends in "
+        ".jsonl): log_likelihood (nats), tokens, bytes, perplexity and bits_per_byte, each token predicted from BOS "
+        "and the tokens before it. Texts longer than --window are scored with a sliding window that advances by "
+        "--stride tokens, each token scored once. Prints JSON: texts (one result each) and total.",
+    )
+    source(score)
+    score.add_argument("file", metavar="FILE")
+    score.add_argument("--window", type=int, default=None, help="tokens per window, BOS included (default: context)")
+    score.add_argument("--stride", type=int, default=None, help="tokens a window advances (default: half a window)")
+    score.add_argument("--eos", action="store_true", help="also score the end-of-text token after each text")
+    score.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+    embed = commands.add_parser(
+        "embed",
+        help="an embedding vector per text in a file",
+        description="Embed each text of FILE (as for score): the final hidden states of its tokens, averaged "
+        "(--pooling mean) or of its last token (--pooling last), optionally L2-normalized. Texts longer than the "
+        "context are cut to its length. Writes OUT.npy ([texts, d_model] float32) or OUT.jsonl (one "
+        "{\"embedding\": [...]} per text); prints JSON: output, texts, dim.",
+    )
+    source(embed)
+    embed.add_argument("file", metavar="FILE")
+    embed.add_argument("--output", required=True, metavar="OUT.npy|OUT.jsonl")
+    embed.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    embed.add_argument("--normalize", action="store_true", help="scale each vector to unit L2 norm")
+    embed.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -117,6 +198,116 @@ def _tokenizer_train(args) -> dict:
     return {"model": path, "vocab_size": load_tokenizer(path).vocab_size}
 
 
+def _read_texts(path: str) -> list[str]:
+    """Texts of a file: JSON lines with a "text" field (.jsonl), or one per line."""
+    import json
+
+    from t2x.infer.engine import RequestError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError("FILE", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line]
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if not isinstance(value, str):
+            raise RequestError("FILE", f"{path} line {n} is not a JSON object with a \"text\" string")
+        texts.append(value)
+    return texts
+
+
+def _generate(args) -> dict:
+    import dataclasses
+
+    from t2x.infer.engine import generate, read_prompts
+    from t2x.infer.model import load
+    from t2x.infer.sampling import Sampling
+
+    if args.prompt_file:
+        from t2x.infer.engine import RequestError
+
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = read_prompts(f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise RequestError("prompt-file", f"cannot read {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    else:
+        prompts = args.prompt
+    if args.num_samples < 1:
+        from t2x.infer.engine import RequestError
+
+        raise RequestError("num-samples", f"must be >= 1, got {args.num_samples}")
+    base = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+    model = load(args.source, args.step, args.overrides)
+    settings = [dataclasses.replace(base, seed=args.seed + n) for _ in prompts for n in range(args.num_samples)]
+    repeated = [p for p in prompts for _ in range(args.num_samples)]
+    completions = generate(model, repeated, settings, slots=args.slots)
+    return {"completions": [c.to_json() for c in completions]}
+
+
+def _score(args) -> dict:
+    import math
+
+    from t2x.infer.model import load
+    from t2x.infer.score import LN2, Scorer
+
+    texts = _read_texts(args.file)
+    model = load(args.source, args.step, args.overrides)
+    scores = Scorer(model, args.batch_size, args.window, args.stride).score(texts, eos=args.eos)
+    ll, tokens, size = sum(s.log_likelihood for s in scores), sum(s.tokens for s in scores), sum(s.bytes for s in scores)
+    total = {"texts": len(scores), "log_likelihood": ll, "tokens": tokens, "bytes": size,
+             "perplexity": math.exp(-ll / tokens) if tokens else None, "bits_per_byte": -ll / LN2 / size if size else None}
+    return {"texts": [s.to_json() for s in scores], "total": total}
+
+
+def _embed(args) -> dict:
+    import json
+
+    import numpy as np
+
+    from t2x.infer.engine import RequestError
+    from t2x.infer.model import load
+    from t2x.infer.score import Scorer
+
+    if not args.output.endswith((".npy", ".jsonl")):
+        raise RequestError("output", f"{args.output} must end in .npy or .jsonl")
+    texts = _read_texts(args.file)
+    model = load(args.source, args.step, args.overrides)
+    vectors = Scorer(model, args.batch_size).embed(texts, args.pooling, args.normalize)
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    try:
+        if args.output.endswith(".npy"):
+            with open(tmp, "wb") as f:
+                np.save(f, vectors)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for v in vectors:
+                    f.write(json.dumps({"embedding": [float(x) for x in v]}) + "\n")
+        os.replace(tmp, args.output)
+    except OSError as e:
+        raise RequestError("output", f"cannot write {args.output}: {e.strerror or e}") from None
+    return {"output": args.output, "texts": len(texts), "dim": int(vectors.shape[1])}
+
+
+def _export(args) -> dict:
+    from t2x.export import export_run
+
+    manifest = export_run(args.run_dir, args.output, args.step, args.dtype)
+    return {"output": os.path.abspath(args.output), **manifest}
+
+
+INFERENCE = {"export": _export, "generate": _generate, "score": _score, "embed": _embed}
+
+
 def _join_job(cfg) -> None:
     """Join the multi-process job, if any, before any JAX computation; then only
     process 0 logs progress."""
@@ -134,6 +325,25 @@ def _eval_overrides(args) -> list[str]:
         return args.overrides
     files = ",".join(f"'{pattern}'" for pattern in args.text)
     return ["data.source=files", f"data.eval_files=[{files}]", "data.format=auto", *args.overrides]
+
+
+# Errors that mean bad input (a config, data, a checkpoint, a request): a message, exit 1.
+USER_ERRORS = {
+    "t2x.config": "ConfigError",
+    "t2x.data.reader": "DataError",
+    "t2x.data.tokenizer": "TokenizerError",
+    "t2x.checkpoint": "CheckpointError",
+    "t2x.train.loop": "NonFiniteError",
+    "t2x.train.metrics": "MetricsError",
+    "t2x.export": "ExportError",
+    "t2x.infer.engine": "RequestError",
+}
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The user error types of the modules this command loaded (an error can only come
+    from a loaded module; inference commands never load the training stack)."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
 
 
 def _multi_process() -> bool:
@@ -179,14 +389,9 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
     """
     args = _parse(argv)
     _configure_runtime()
-    from t2x.checkpoint import CheckpointError
-    from t2x.config import ConfigError, load_config
-    from t2x.data.reader import DataError
-    from t2x.data.tokenizer import TokenizerError
-    from t2x.train.loop import NonFiniteError
-    from t2x.train.metrics import MetricsError, to_json
+    from t2x.config import load_config
+    from t2x.train.metrics import to_json
 
-    user_errors = (ConfigError, DataError, TokenizerError, CheckpointError, NonFiniteError, MetricsError)
     try:
         if args.command == "train":
             from t2x.train.loop import train
@@ -201,18 +406,20 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
             cfg, run_dir = load_run(args.target, _eval_overrides(args))
             _join_job(cfg)
             result = evaluate_checkpoint(cfg, run_dir, args.step)
+        elif args.command in INFERENCE:
+            result = INFERENCE[args.command](args)
         else:
             result = _tokenizer_train(args)
-    except user_errors as e:
-        print(f"t2x {args.command}: error: {e}", file=sys.stderr, flush=True)
-        if _multi_process():
-            _exit_now(1)
-        return 1
     except KeyboardInterrupt:
         if _multi_process():
             _exit_now(130)
         raise
     except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"t2x {args.command}: error: {e}", file=sys.stderr, flush=True)
+            if _multi_process():
+                _exit_now(1)
+            return 1
         if not _multi_process():
             raise
         _report_failure(args.command, e)

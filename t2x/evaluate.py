@@ -18,9 +18,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
-from t2x.config import Config
+from t2x.config import Config, ConfigError
 from t2x.data.pipeline import check_data, data_errors, eval_dataset
 from t2x.data.reader import PROBLEMS, DataError, DataStats
 from t2x.data.sources import Source
@@ -135,7 +136,7 @@ class Evaluator:
 
 
 def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=None) -> dict[str, Any]:
-    """Evaluate the parameters of a run's checkpoint.
+    """Evaluate the parameters of a run's checkpoint, or of an export directory.
 
     ``step`` None takes the newest checkpoint that verifies (an older one, with a
     warning, when newer ones are damaged and ``checkpoint.on_damage`` is ``fallback``);
@@ -149,8 +150,9 @@ def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=N
     Raises:
       CheckpointError: no checkpoint (of that step), or it is damaged or does not fit.
     """
-    from t2x.checkpoint import CheckpointError, Checkpointer, CheckpointMismatchError, DamagedCheckpointError
+    from t2x.checkpoint import restore_params
     from t2x.components import build
+    from t2x.export import is_export, read_export
     from t2x.models import abstract_params
     from t2x.parallel import logical_to_shardings, sharding_context
     from t2x.rundir import CHECKPOINTS, tokenizer_spec
@@ -160,22 +162,12 @@ def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=N
         abstract, logical = abstract_params(c.model, cfg.data.seq_len)
         shardings = logical_to_shardings(logical, abstract, c.mesh)
         evaluator = Evaluator(cfg, c.tokenizer, c.model, c.mesh, shardings)
-        checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINTS), read_only=True)
-        try:
-            candidates = [checkpointer.check_step(step)] if step is not None else checkpointer.all_steps()[::-1]
-            if not candidates:
-                checkpointer.check_step(None)  # raises: no checkpoint
-            for candidate in candidates:
-                try:
-                    params = checkpointer.restore(candidate, {"params": abstract}, {"params": shardings})["params"]
-                except CheckpointMismatchError as e:
-                    raise CheckpointError(f"{e}; evaluate with the config it was trained with") from None
-                except DamagedCheckpointError as e:
-                    if step is not None or cfg.checkpoint.on_damage == "stop":
-                        raise
-                    log.warning("%s; evaluating the checkpoint before it", e)
-                    continue
-                return {**evaluator(params), "step": candidate}
-            raise CheckpointError(f"no checkpoint in {checkpointer.directory} verifies; see the warnings above")
-        finally:
-            checkpointer.close()
+        if is_export(run_dir):
+            if step is not None:
+                raise ConfigError(f"--step applies to run directories; {run_dir} is an export of one step")
+            exported = read_export(run_dir)
+            params = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), exported.params, shardings)
+            return {**evaluator(params), "step": exported.source["manifest"]["source"].get("step")}
+        params, step = restore_params(os.path.join(run_dir, CHECKPOINTS), step, abstract, shardings,
+                                      cfg.checkpoint.on_damage)
+        return {**evaluator(params), "step": step}

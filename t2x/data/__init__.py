@@ -7,7 +7,24 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from t2x.data.sources import DataError, DataStats, Source  # noqa: E402
-from t2x.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_tokenizer  # noqa: E402
+import importlib  # noqa: E402
+
+# Imported on first use: inference reads tokenizers without loading TensorFlow.
+_HOMES = {
+    "DataError": "sources",
+    "DataStats": "sources",
+    "Source": "sources",
+    "Tokenizer": "tokenizer",
+    "TokenizerError": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"t2x.data.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 't2x.data' has no attribute {name!r}")
+
 
 __all__ = ["DataError", "DataStats", "Source", "Tokenizer", "TokenizerError", "load_tokenizer", "train_tokenizer"]

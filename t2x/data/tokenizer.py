@@ -13,9 +13,17 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def _gfile():
+    """tf.io.gfile (local or remote paths), imported only by what reads or writes files:
+    a ``Tokenizer`` made from model bytes needs no TensorFlow."""
+    import tensorflow as tf
+
+    return tf.io.gfile
+
 MAX_TRAINING_LINES = 2_000_000
 # SentencePiece's result depends on its thread count: a fixed count makes training give
 # the same model on every machine.
@@ -106,7 +114,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, m
       Path of the ``.model`` file.
     """
     if os.path.dirname(output_prefix):
-        tf.io.gfile.makedirs(os.path.dirname(output_prefix))
+        _gfile().makedirs(os.path.dirname(output_prefix))
     model = io.BytesIO()
     try:
         _train(texts, vocab_size, model_type, model)
@@ -114,11 +122,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, m
         raise TokenizerError(f"SentencePiece could not train a {vocab_size}-piece model: {e}") from None
     path = f"{output_prefix}.model"
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
+    gfile = _gfile()
+    with gfile.GFile(tmp, "wb") as f:
         f.write(model.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    gfile.rename(tmp, path, overwrite=True)
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with tf.io.gfile.GFile(f"{output_prefix}.vocab", "w") as f:
+    with gfile.GFile(f"{output_prefix}.vocab", "w") as f:
         for i in range(processor.get_piece_size()):
             piece = processor.id_to_piece(i).replace("\n", "\\n")  # one line per piece
             f.write(f"{piece}\t{processor.get_score(i)}\n")
@@ -189,7 +198,7 @@ def resolve_tokenizer(spec: str) -> str:
         if not size.isdigit():
             raise TokenizerError(f"data.tokenizer {spec!r}: builtin:N needs a number of pieces N")
         return builtin_tokenizer_path(int(size))
-    if not tf.io.gfile.exists(spec):
+    if not _gfile().exists(spec):
         raise TokenizerError(
             f"data.tokenizer: no SentencePiece model at {spec!r}; train one with "
             "`t2x tokenizer train` or use builtin:N"
@@ -200,7 +209,7 @@ def resolve_tokenizer(spec: str) -> str:
 def load_tokenizer(spec: str) -> Tokenizer:
     """Load the tokenizer a spec names (a ``.model`` path or ``builtin:N``)."""
     path = resolve_tokenizer(spec)
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with _gfile().GFile(path, "rb") as f:
         proto = f.read()
     try:
         return Tokenizer(proto, source=path)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from t2x.config import ModelConfig
-from t2x.models.attention import attention_mask
+from t2x.models.attention import attention_mask, cache_mask
 from t2x.models.layers import compute_dtype, constrain, dense, norm
 from t2x.models.transformer import BlockStack
 
@@ -24,7 +24,10 @@ class DecoderLM(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
+        cache: dict | None = None,
+        last: jax.Array | None = None,
+        hidden: bool = False,
+    ):
         """Next-token logits.
 
         Args:
@@ -32,10 +35,17 @@ class DecoderLM(nn.Module):
           positions: [batch, seq] position of each token within its document (default 0..seq-1).
           segment_ids: [batch, seq] packed-document ids, 0 for padding (default: one document).
           deterministic: disables dropout.
+          cache: a KV cache {"k", "v"} [layers, batch, cache_len, kv_heads, head_dim]
+            (``InferenceModel.init_cache``). Each token's keys and values are written at
+            its position, and it attends to its row's cache slots up to its position;
+            ``segment_ids`` do not apply.
+          last: [batch] index of the one position per row whose logits are computed.
+          hidden: return the final-norm hidden states instead of logits.
 
         Returns:
-          float32 logits [batch, seq, vocab_size], accumulated in float32 whatever the
-          compute dtype.
+          float32 logits [batch, seq (1 with ``last``), vocab_size], accumulated in float32
+          whatever the compute dtype (or hidden states [batch, seq, d_model] in the compute
+          dtype); with a cache, (that, the updated cache).
         """
         cfg = self.cfg
         seq_len = tokens.shape[1]
@@ -63,9 +73,17 @@ class DecoderLM(nn.Module):
             )(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
-        mask = attention_mask(segment_ids, seq_len, causal=True)
-        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
+        if cache is None:
+            mask = attention_mask(segment_ids, seq_len, causal=True)
+            x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
+        else:
+            mask = cache_mask(positions, cache["k"].shape[2])
+            x, cache = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask, cache)
         x = norm(cfg, "final_norm")(x)
+        if hidden:
+            return x if cache is None else (x, cache)
+        if last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
         # The output projection multiplies compute-dtype operands but accumulates and
         # returns float32: logits are never rounded to bfloat16 before the softmax.
         if cfg.tie_embeddings:
@@ -75,4 +93,5 @@ class DecoderLM(nn.Module):
             logits = dense(
                 cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True, name="lm_head"
             )(x)
-        return constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32
+        logits = constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32
+        return logits if cache is None else (logits, cache)

@@ -19,33 +19,42 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)); returns (x, None) when scanned."""
+    """x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Returns x; with a KV cache, or when scanned, (x, the layer's updated cache or None).
+    """
 
     cfg: ModelConfig
     deterministic: bool = True
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, name="attn")(norm(cfg, "attn_norm")(x), positions, mask)
+        h = Attention(cfg, name="attn")(norm(cfg, "attn_norm")(x), positions, mask, cache)
+        if cache is not None:
+            h, cache = h
         x = x + dropout(h)
         h = MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
         x = x + dropout(h)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
-        return (x, None) if self.scanned else x
+        return (x, cache) if self.scanned or cache is not None else x
 
 
 class BlockStack(nn.Module):
     """``num_layers`` blocks: one scanned loop (parameters stacked on a leading ``layers``
-    axis, so compile time does not grow with depth) or an unrolled Python loop."""
+    axis, so compile time does not grow with depth) or an unrolled Python loop.
+
+    A KV cache holds every layer's keys and values stacked on a leading [layers] axis
+    either way; with one, the stack returns (x, updated cache).
+    """
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None):
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -55,12 +64,20 @@ class BlockStack(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, self.deterministic, scanned=True, name=STACKED_LAYERS)(x, positions, mask)
-            return x
+            x, cache = stack(cfg, self.deterministic, scanned=True, name=STACKED_LAYERS)(x, positions, mask, cache)
+            return x if cache is None else (x, cache)
+        layers = []
         for i in range(cfg.num_layers):
-            x = block(cfg, self.deterministic, name=f"layers_{i}")(x, positions, mask)
-        return x
+            layer = block(cfg, self.deterministic, name=f"layers_{i}")
+            if cache is None:
+                x = layer(x, positions, mask)
+            else:
+                x, updated = layer(x, positions, mask, jax.tree.map(lambda c: c[i], cache))
+                layers.append(updated)
+        if cache is None:
+            return x
+        return x, jax.tree.map(lambda *per_layer: jax.numpy.stack(per_layer), *layers)

@@ -1,0 +1,268 @@
+"""Generation with a KV cache and continuous batching.
+
+The engine owns a fixed number of decode slots, each a row of one preallocated KV cache
+[layers, slots, context, kv_heads, head_dim]. ``add`` prefills a prompt into a free slot
+(the prompt is padded on the right to a bucket length, so only a few prefill shapes ever
+compile) and samples its first token; ``step`` decodes one token for every busy slot at
+once. A request that finishes frees its slot at once, and the next ``add`` fills it while
+the others keep decoding: that is continuous batching, for ``generate`` below and for the
+HTTP server alike.
+
+A row's cache slot p holds the keys and values of its token at position p; a query at
+position p reads slots 0..p. Nothing is recomputed, and padding never enters a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2x.infer.model import InferenceModel
+from t2x.infer.sampling import Sampling, sample
+from t2x.parallel import sharding_context
+
+MIN_BUCKET = 16
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given; ``field`` names what to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass
+class Completion:
+    prompt: str
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str  # eos | stop | length
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Request:
+    prompt: str
+    ids: list[int]  # BOS + prompt tokens
+    sampling: Sampling
+    generated: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+def buckets(context: int) -> list[int]:
+    """Prefill lengths: powers of two from 16, and the context itself."""
+    out, n = [], MIN_BUCKET
+    while n < context:
+        out.append(n)
+        n *= 2
+    return [*out, context]
+
+
+class Engine:
+    """Decode slots over one KV cache (see the module docstring).
+
+    Args:
+      model: the loaded model; ``slots`` must be a multiple of its ``batch_ways``.
+      slots: sequences decoded together.
+    """
+
+    def __init__(self, model: InferenceModel, slots: int = 8):
+        if slots < 1 or slots % model.batch_ways:
+            raise ValueError(f"slots ({slots}) must be a positive multiple of the {model.batch_ways} batch devices")
+        self.model, self.slots, self.context = model, slots, model.context
+        self.buckets = buckets(self.context)
+        self.cache = model.init_cache(slots, self.context)
+        self.requests: list[_Request | None] = [None] * slots
+        self.tokens = np.zeros(slots, np.int32)  # each slot's latest token, fed next
+        self.positions = np.zeros(slots, np.int32)  # where that token goes
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.seeds = np.zeros(slots, np.uint32)
+        module = model.module
+
+        def prefill(params, cache, slot, tokens, length, temperature, top_k, top_p, seed):
+            """Run a [1, bucket] prompt into row ``slot`` of the cache; its first token."""
+            row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
+            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+            logits, row = module.apply({"params": params}, tokens, positions, cache=row, last=length[None] - 1)
+            cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), cache, row)
+            token = sample(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None], jnp.zeros(1, jnp.int32))
+            return cache, token[0]
+
+        def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts):
+            """One token for every slot."""
+            logits, cache = module.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
+            return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
+
+        self._prefill = jax.jit(prefill, donate_argnums=1)
+        self._decode = jax.jit(decode, donate_argnums=1)
+
+    # Requests.
+
+    def encode(self, prompt: str, sampling: Sampling) -> _Request:
+        """Check a request and tokenize its prompt (BOS first)."""
+        for field, problem in sampling.problems():
+            raise RequestError(field, problem)
+        ids = [self.model.tokenizer.bos_id, *self.model.tokenizer.encode([prompt])[0]]
+        if len(ids) >= self.context:
+            raise RequestError(
+                "prompt", f"is {len(ids) - 1} tokens; the model's context holds {self.context - 2} prompt tokens "
+                "and at least one new token"
+            )
+        return _Request(prompt, ids, sampling)
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.requests) if r is None]
+
+    def busy(self) -> bool:
+        return any(r is not None for r in self.requests)
+
+    def add(self, request: _Request) -> int:
+        """Prefill ``request`` into a free slot and sample its first token; returns the slot."""
+        slot = self.free_slots()[0]
+        n = len(request.ids)
+        bucket = next(b for b in self.buckets if b >= n)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :n] = request.ids
+        s = request.sampling
+        self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = s.temperature, s.top_k, s.top_p, s.seed
+        with sharding_context(self.model.mesh):
+            self.cache, token = self._prefill(
+                self.model.params, self.cache, np.int32(slot), tokens, np.int32(n), np.float32(s.temperature),
+                np.int32(s.top_k), np.float32(s.top_p), np.uint32(s.seed),
+            )
+        self.requests[slot] = request
+        self.positions[slot] = n
+        self._accept(slot, int(token))
+        return slot
+
+    def step(self) -> list[int]:
+        """Decode one token for every busy slot; returns the slots that finished."""
+        busy = [i for i, r in enumerate(self.requests) if r is not None]
+        counts = np.array([len(r.generated) if r else 0 for r in self.requests], np.int32)
+        positions = np.where([r is not None for r in self.requests], self.positions, 0).astype(np.int32)
+        with sharding_context(self.model.mesh):
+            self.cache, tokens = self._decode(
+                self.model.params, self.cache, self.tokens, positions, self.temperature, self.top_k, self.top_p,
+                self.seeds, counts,
+            )
+        tokens = np.asarray(jax.device_get(tokens))
+        finished = []
+        for slot in busy:
+            self.positions[slot] += 1
+            if self._accept(slot, int(tokens[slot])):
+                finished.append(slot)
+        return finished
+
+    def _accept(self, slot: int, token: int) -> bool:
+        """Record a sampled token; free the slot when its request is done."""
+        request = self.requests[slot]
+        tokenizer = self.model.tokenizer
+        if token == tokenizer.eos_id:
+            request.finish_reason = "eos"
+        else:
+            request.generated.append(token)
+            request.text = tokenizer.decode(request.generated)
+            hits = [i for i in (request.text.find(s) for s in request.sampling.stop) if i >= 0]
+            if hits:
+                request.text = request.text[: min(hits)]
+                request.finish_reason = "stop"
+            elif len(request.generated) >= request.sampling.max_new_tokens or self.positions[slot] >= self.context:
+                request.finish_reason = "length"
+        self.tokens[slot] = token
+        if request.finish_reason is None:
+            return False
+        self.requests[slot] = None
+        return True
+
+    def take(self, slot_request: _Request) -> Completion:
+        r = slot_request
+        return Completion(r.prompt, r.text, r.generated, len(r.ids) - 1, r.finish_reason)
+
+
+def generate(
+    model: InferenceModel,
+    prompts: Sequence[str],
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    slots: int | None = None,
+    on_token: Callable[[int, str], None] | None = None,
+) -> list[Completion]:
+    """Complete each prompt, decoding up to ``slots`` of them at a time.
+
+    Args:
+      model: the loaded model.
+      prompts: texts to continue.
+      sampling: settings for all prompts, or one per prompt.
+      slots: decode slots (default: as many as prompts, rounded up to the batch devices,
+        at most 32).
+      on_token: called with (prompt index, text so far) after each new token.
+
+    Raises:
+      RequestError: a prompt is too long or a setting is out of range.
+    """
+    settings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+    if len(settings) != len(prompts):
+        raise ValueError("give one Sampling, or one per prompt")
+    ways = model.batch_ways
+    slots = slots or -(-min(max(len(prompts), 1), 32) // ways) * ways
+    engine = Engine(model, slots)
+    requests = [engine.encode(p, s) for p, s in zip(prompts, settings)]
+    waiting: deque[int] = deque(range(len(requests)))
+    owner: dict[int, int] = {}
+    done: dict[int, Completion] = {}
+
+    def fill():
+        while waiting and engine.free_slots():
+            i = waiting.popleft()
+            slot = engine.add(requests[i])
+            if engine.requests[slot] is None:  # finished on its first token
+                done[i] = engine.take(requests[i])
+            else:
+                owner[slot] = i
+            if on_token:
+                on_token(i, requests[i].text)
+
+    fill()
+    while engine.busy():
+        finished = engine.step()
+        if on_token:
+            for slot, i in owner.items():
+                on_token(i, requests[i].text)
+        for slot in finished:
+            i = owner.pop(slot)
+            done[i] = engine.take(requests[i])
+        fill()
+    return [done[i] for i in range(len(requests))]
+
+
+def read_prompts(lines: Iterable[str]) -> list[str]:
+    """Prompts of a prompt file: one per line, or JSON lines with a "prompt" field."""
+    import json
+
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                value = json.loads(line)["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise RequestError("prompt-file", f"line {n} is not a JSON object with a \"prompt\" string") from None
+            if not isinstance(value, str):
+                raise RequestError("prompt-file", f"line {n}: \"prompt\" must be a string")
+            prompts.append(value)
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    return prompts

@@ -100,7 +100,11 @@ def _inference_parsers(commands) -> None:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that verifies)")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="float32 keeps the trained values bit for bit; bfloat16 rounds them")
-    export.add_argument("--format", choices=["t2x"], default="t2x", help="the t2x export format (safetensors)")
+    export.add_argument("--format", choices=["t2x", "stablehlo"], default="t2x",
+                        help="t2x: the export directory; stablehlo: the same, plus the model's logits, prefill and "
+                        "decode functions serialized with jax.export (symbolic batch and length) and SERVING.md")
+    export.add_argument("--platforms", default=None, metavar="P[,P...]",
+                        help="with --format stablehlo: cpu, cuda, rocm and/or tpu (default: this machine's)")
 
     def source(p):
         p.add_argument("source", metavar="EXPORT_OR_RUN", help="an export directory, or a run directory")
@@ -301,7 +305,8 @@ def _embed(args) -> dict:
 def _export(args) -> dict:
     from t2x.export import export_run
 
-    manifest = export_run(args.run_dir, args.output, args.step, args.dtype)
+    platforms = tuple(p.strip() for p in args.platforms.split(",")) if args.platforms else None
+    manifest = export_run(args.run_dir, args.output, args.step, args.dtype, args.format, platforms)
     return {"output": os.path.abspath(args.output), **manifest}
 
 

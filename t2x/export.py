@@ -38,6 +38,9 @@ PARAMS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+FORMATS = ("t2x", "stablehlo")
+SERVING = {"logits": "logits.jax_exported", "prefill": "prefill.jax_exported", "decode": "decode.jax_exported"}
+SERVING_README = "SERVING.md"
 
 
 class ExportError(ValueError):
@@ -101,8 +104,14 @@ def cast(params: Any, dtype: str) -> Any:
     return jax.tree.map(lambda x: np.asarray(x) if x.dtype == target else np.asarray(x.astype(target)), params)
 
 
-def write_export(output: str, cfg: Config, params: Any, tokenizer_proto: bytes, source: dict, dtype: str) -> dict:
+def write_export(
+    output: str, cfg: Config, params: Any, tokenizer_proto: bytes, source: dict, dtype: str, fmt: str = "t2x",
+    platforms: tuple[str, ...] | None = None,
+) -> dict:
     """Write an export directory (see the module docstring) and return its manifest.
+
+    ``fmt`` stablehlo adds the model's functions serialized with ``jax.export`` for
+    ``platforms`` (default: this machine's), and a README of their inputs and outputs.
 
     The files are written into a staging folder next to ``output`` and moved into place
     at the end, so an interrupted export leaves no directory that looks complete.
@@ -125,6 +134,12 @@ def write_export(output: str, cfg: Config, params: Any, tokenizer_proto: bytes, 
             f.write(to_yaml(without_launch_settings(cfg)))
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(tokenizer_proto)
+        written = [PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE]
+        if fmt == "stablehlo":
+            from t2x.data.tokenizer import Tokenizer
+
+            bos = Tokenizer(tokenizer_proto, "export").bos_id
+            written += write_serving_functions(staging, cfg, flat, platforms or (jax.default_backend(),), bos)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -134,7 +149,7 @@ def write_export(output: str, cfg: Config, params: Any, tokenizer_proto: bytes, 
             "parameters": int(sum(x.size for x in flat.values())),
             "t2x_version": _version(),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "files": {name: _sha256(os.path.join(staging, name)) for name in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE)},
+            "files": {name: _sha256(os.path.join(staging, name)) for name in written},
         }
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
@@ -170,7 +185,7 @@ def read_export(path: str, verify: bool = True) -> Exported:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(f"{path} was written by a newer t2x (format version {manifest['format_version']}); upgrade t2x")
     files = manifest.get("files", {})
-    for name in (PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE):
+    for name in dict.fromkeys([PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE, *files]):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise ExportError(f"{path} is incomplete: {name} is missing")
@@ -219,13 +234,102 @@ def read(path: str, step: int | None = None) -> Exported:
     return read_run(path, step)
 
 
-def export_run(run_dir: str, output: str, step: int | None = None, dtype: str = "float32") -> dict:
+def export_run(
+    run_dir: str, output: str, step: int | None = None, dtype: str = "float32", fmt: str = "t2x",
+    platforms: tuple[str, ...] | None = None,
+) -> dict:
     """``t2x export``: write a run's checkpoint as an export directory; returns the manifest."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ExportError(f"--output {output} already exists and is not an empty directory; choose another")
     exported = read_run(run_dir, step)
-    return write_export(output, exported.cfg, exported.params, exported.tokenizer_proto, exported.source, dtype)
+    return write_export(output, exported.cfg, exported.params, exported.tokenizer_proto, exported.source, dtype, fmt,
+                        platforms)
+
+
+def write_serving_functions(
+    directory: str, cfg: Config, flat: dict[str, np.ndarray], platforms: tuple[str, ...], bos_id: int
+) -> list[str]:
+    """Serialize the model's logits, prefill and decode functions with ``jax.export``
+    (batch and sequence length symbolic) into ``directory``; returns the files written.
+
+    Each takes the parameters as the dict ``safetensors.numpy.load_file`` returns for
+    model.safetensors, so calling them needs JAX and safetensors, not t2x.
+    """
+    from jax import export
+
+    from t2x.models import build_model
+
+    module = build_model(cfg.model)
+    m, context = cfg.model, cfg.model.max_seq_len
+    cache_shape = lambda b: (m.num_layers, b, context, m.kv_heads, m.head_size)  # noqa: E731
+    cache_dtype = jax.numpy.bfloat16 if m.dtype == "bfloat16" else jax.numpy.float32
+
+    def logits(params, tokens):
+        return module.apply({"params": unflatten(params)}, tokens)
+
+    def prefill(params, tokens, lengths):
+        cache = {n: jax.numpy.zeros(cache_shape(tokens.shape[0]), cache_dtype) for n in "kv"}
+        positions = jax.numpy.broadcast_to(jax.numpy.arange(tokens.shape[1], dtype=jax.numpy.int32), tokens.shape)
+        out, cache = module.apply({"params": unflatten(params)}, tokens, positions, cache=cache, last=lengths - 1)
+        return out[:, 0], cache
+
+    def decode(params, cache, tokens, positions):
+        out, cache = module.apply({"params": unflatten(params)}, tokens[:, None], positions[:, None], cache=cache)
+        return out[:, 0], cache
+
+    b, s = export.symbolic_shape("b, s", constraints=(f"s <= {context}",))
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jax.numpy.int32)  # noqa: E731
+    (batch,) = export.symbolic_shape("b")  # decode has no length dimension
+    cache = {n: jax.ShapeDtypeStruct(cache_shape(batch), cache_dtype) for n in "kv"}
+    functions = {
+        "logits": (logits, (spec, ints(b, s))),
+        "prefill": (prefill, (spec, ints(b, s), ints(b))),
+        "decode": (decode, (spec, cache, ints(batch), ints(batch))),
+    }
+    for name, (fn, args) in functions.items():
+        try:
+            exported = export.export(jax.jit(fn), platforms=platforms)(*args)
+        except (ValueError, NotImplementedError) as e:
+            raise ExportError(f"cannot serialize {name} for platforms {', '.join(platforms)}: {e}") from None
+        with open(os.path.join(directory, SERVING[name]), "wb") as f:
+            f.write(exported.serialize())
+    with open(os.path.join(directory, SERVING_README), "w", encoding="utf-8") as f:
+        f.write(_serving_readme(cfg, platforms, bos_id))
+    return [*SERVING.values(), SERVING_README]
+
+
+def _serving_readme(cfg: Config, platforms: tuple[str, ...], bos_id: int) -> str:
+    m = cfg.model
+    cache = f"[{m.num_layers}, b, {m.max_seq_len}, {m.kv_heads}, {m.head_size}] ({m.dtype})"
+    return f"""# Serving functions
+
+Serialized with `jax.export` for {", ".join(platforms)}. `b` (batch) and `s` (tokens,
+at most {m.max_seq_len}) are symbolic: any sizes work without recompiling the export.
+`params` is the dict that `safetensors.numpy.load_file("model.safetensors")` returns.
+
+```python
+from jax import export
+from safetensors.numpy import load_file
+
+params = load_file("model.safetensors")
+logits = export.deserialize(open("logits.jax_exported", "rb").read())
+out = logits.call(params, tokens)  # tokens: int32 [b, s]
+```
+
+| file | inputs | outputs |
+| --- | --- | --- |
+| `logits.jax_exported` | params; tokens int32 [b, s] | float32 logits [b, s, {m.vocab_size}] of the next token at every position |
+| `prefill.jax_exported` | params; tokens int32 [b, s] (prompts padded on the right); lengths int32 [b] | float32 logits [b, {m.vocab_size}] after each prompt's last token; cache {{"k", "v"}} {cache} |
+| `decode.jax_exported` | params; cache; tokens int32 [b]; positions int32 [b] (each token's position: its row's length so far) | float32 logits [b, {m.vocab_size}] of the token after; the updated cache |
+
+Sequences start with the BOS token (id {bos_id}) as in training; token ids are those of
+`tokenizer.model` (SentencePiece). Position p of a row's cache holds its token at
+position p; a token at position p attends to positions 0..p of its row.
+"""

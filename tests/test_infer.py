@@ -261,3 +261,49 @@ def test_the_command_line_exports_generates_scores_and_embeds(run, exported, tmp
     ]:
         code, _, err = cli(*argv)
         assert code == 1 and message in err, (argv, err)
+
+
+SERVING_CLIENT = """
+import json, sys
+import numpy as np
+from jax import export
+from safetensors.numpy import load_file
+
+folder, tokens, prompt = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+params = load_file(f"{folder}/model.safetensors")
+fn = {n: export.deserialize(open(f"{folder}/{n}.jax_exported", "rb").read()) for n in ("logits", "prefill", "decode")}
+logits = np.asarray(fn["logits"].call(params, np.array(tokens, np.int32)))
+# Greedy decoding of two prompts of different lengths, padded on the right.
+lengths = np.array([len(p) for p in prompt], np.int32)
+padded = np.zeros((len(prompt), lengths.max()), np.int32)
+for i, p in enumerate(prompt):
+    padded[i, : len(p)] = p
+last, cache = fn["prefill"].call(params, padded, lengths)
+out = [[] for _ in prompt]
+for _ in range(5):
+    token = np.asarray(last).argmax(-1).astype(np.int32)
+    for i, t in enumerate(token):
+        out[i].append(int(t))
+    last, cache = fn["decode"].call(params, cache, token, lengths)
+    lengths = lengths + 1
+assert not any(m.startswith("t2x") for m in sys.modules)
+print(json.dumps({"logits": logits.tolist(), "greedy": out}))
+"""
+
+
+def test_serving_functions_run_from_jax_export_alone(run, tmp_path):
+    folder = tmp_path / "serving"
+    export_run(str(run), str(folder), fmt="stablehlo")
+    model = load(str(folder))  # still an export t2x reads, its new files checked too
+    assert {"logits.jax_exported", "SERVING.md"} <= set(json.loads((folder / "manifest.json").read_text())["files"])
+    tokens = np.random.default_rng(0).integers(0, 512, (3, 7)).tolist()
+    prompts = [[model.tokenizer.bos_id, *ids] for ids in model.tokenizer.encode(["Return the", "A new list of"])]
+    out = subprocess.run([sys.executable, "-c", SERVING_CLIENT, str(folder), json.dumps(tokens), json.dumps(prompts)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    expected = np.asarray(model.module.apply({"params": model.params}, np.array(tokens, np.int32)))
+    np.testing.assert_allclose(np.array(result["logits"]), expected, rtol=1e-5, atol=1e-5)
+    greedy = generate(model, ["Return the", "A new list of"], Sampling(max_new_tokens=5))
+    for got, c in zip(result["greedy"], greedy):  # t2x stops at EOS; the loop above does not
+        assert got[: len(c.tokens) + 1] == c.tokens + ([model.tokenizer.eos_id] if c.finish_reason == "eos" else [])

@@ -10,6 +10,7 @@ failed because another process died.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -165,6 +166,23 @@ def _inference_parsers(commands) -> None:
     embed.add_argument("--normalize", action="store_true", help="scale each vector to unit L2 norm")
     embed.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        description="Serve generate, score and embed over HTTP (FastAPI on uvicorn): POST /v1/generate "
+        "(\"stream\": true for server-sent events), POST /v1/score, POST /v1/embed, GET /v1/model, GET /healthz; "
+        "the OpenAPI schema at /docs. Generation batches continuously over --slots decode slots; score and embed "
+        "requests are batched as they arrive. Every shape compiles before the server listens.",
+    )
+    source(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded at once")
+    serve.add_argument("--max-batch", type=int, default=16, help="texts per score or embed batch")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask")
+    serve.add_argument("--max-texts", type=int, default=64, help="texts per score or embed request")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Arguments, with ``key=value`` overrides accepted anywhere (after options too)."""
@@ -310,7 +328,22 @@ def _export(args) -> dict:
     return {"output": os.path.abspath(args.output), **manifest}
 
 
-INFERENCE = {"export": _export, "generate": _generate, "score": _score, "embed": _embed}
+def _serve(args) -> dict:
+    from t2x.infer.engine import RequestError
+    from t2x.infer.model import load
+    from t2x.infer.server import Limits, serve
+
+    limits = Limits(slots=args.slots, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+                    max_texts=args.max_texts, max_body_bytes=args.max_body_bytes)
+    for field, value in dataclasses.asdict(limits).items():
+        if value <= 0 and field != "batch_wait_ms":
+            raise RequestError(field.replace("_", "-"), f"must be positive, got {value}")
+    model = load(args.source, args.step, args.overrides)
+    serve(model, args.host, args.port, limits)
+    return {"served": True}
+
+
+INFERENCE = {"export": _export, "generate": _generate, "score": _score, "embed": _embed, "serve": _serve}
 
 
 def _join_job(cfg) -> None:

@@ -54,6 +54,7 @@ class _Request:
     prompt: str
     ids: list[int]  # BOS + prompt tokens
     sampling: Sampling
+    prefix: str = ""  # the prompt's tokens decoded: the text before the new tokens
     generated: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -120,7 +121,7 @@ class Engine:
                 "prompt", f"is {len(ids) - 1} tokens; the model's context holds {self.context - 2} prompt tokens "
                 "and at least one new token"
             )
-        return _Request(prompt, ids, sampling)
+        return _Request(prompt, ids, sampling, self.model.tokenizer.decode(ids[1:]))
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self.requests) if r is None]
@@ -173,7 +174,9 @@ class Engine:
             request.finish_reason = "eos"
         else:
             request.generated.append(token)
-            request.text = tokenizer.decode(request.generated)
+            # Decoded after the prompt: a piece's leading space is kept (alone, it would be
+            # dropped as SentencePiece drops the space it adds before a text).
+            request.text = tokenizer.decode(request.ids[1:] + request.generated)[len(request.prefix) :]
             hits = [i for i in (request.text.find(s) for s in request.sampling.stop) if i >= 0]
             if hits:
                 request.text = request.text[: min(hits)]
@@ -185,6 +188,10 @@ class Engine:
             return False
         self.requests[slot] = None
         return True
+
+    def release(self, slot: int) -> None:
+        """Free a slot whose request was abandoned (its client went away)."""
+        self.requests[slot] = None
 
     def take(self, slot_request: _Request) -> Completion:
         r = slot_request

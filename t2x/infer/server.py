@@ -1,0 +1,433 @@
+"""The HTTP server: FastAPI on uvicorn, with continuous batching.
+
+One worker thread owns the model and runs everything on it, so requests never contend
+for the devices:
+
+- **generate**: a fixed number of decode slots (``Engine``). A new request is prefilled
+  into a free slot and joins the running batch at the next decode step; a finished or
+  abandoned request frees its slot at once.
+- **score** and **embed**: requests that arrive within ``batch_wait_ms`` of each other
+  (up to ``max_batch`` texts) run as one batch, between decode steps.
+
+Prompts are padded to bucket lengths (16, 32, ... up to the context) and batches to
+fixed sizes, so after ``warm_up`` nothing compiles per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from t2x.config import to_dict
+from t2x.infer.engine import Engine, RequestError
+from t2x.infer.model import InferenceModel
+from t2x.infer.sampling import Sampling
+from t2x.infer.score import Scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the server accepts; requests beyond these get a 4xx naming the field."""
+
+    slots: int = 8  # sequences decoded at once
+    max_batch: int = 16  # texts per score or embed batch
+    batch_wait_ms: float = 5.0  # how long a score or embed batch waits for more requests
+    max_body_bytes: int = 1 << 20
+    max_texts: int = 64  # per score or embed request
+    max_new_tokens: int = 512
+    max_queue: int = 1024  # requests waiting; beyond it, 503
+
+
+# Request bodies. Strict: "5" is not a number, and unknown fields are refused.
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int | None = None  # None: 64, or the server's limit if lower
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stream: bool = False
+
+
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    texts: list[str] = Field(min_length=1)
+    eos: bool = False
+
+
+class EmbedBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    texts: list[str] = Field(min_length=1)
+    pooling: Literal["mean", "last"] = "mean"
+    normalize: bool = False
+
+
+@dataclasses.dataclass
+class _Job:
+    kind: str  # generate | score | embed
+    payload: Any
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+    events: asyncio.Queue | None = None  # streamed generation: text deltas
+    cancelled: bool = False
+    sent: int = 0  # characters of text streamed so far
+
+    def finish(self, result: Any) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.done, result)
+
+    def emit(self, event: dict) -> None:
+        if self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+class Worker:
+    """The thread that owns the model: decode slots, then score and embed batches."""
+
+    def __init__(self, model: InferenceModel, limits: Limits):
+        self.model, self.limits = model, limits
+        self.engine = Engine(model, limits.slots)
+        self.scorer = Scorer(model, batch_size=limits.max_batch)
+        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue)
+        self.waiting: list[_Job] = []  # generate jobs waiting for a slot
+        self.owners: dict[int, _Job] = {}  # slot -> job
+        self.thread = threading.Thread(target=self._run, name="t2x-serve", daemon=True)
+        self.stopping = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(timeout=30)
+
+    def warm_up(self) -> None:
+        """Compile every shape a request can need: each prefill bucket, the decode step,
+        and each score and embed bucket."""
+        for bucket in self.engine.buckets:
+            request = self.engine.encode("", Sampling(max_new_tokens=1))
+            request.ids = request.ids + [request.ids[0]] * (min(bucket, self.model.context - 1) - len(request.ids))
+            self.engine.add(request)
+        self.engine.step()  # the decode step's shape does not depend on what the slots hold
+        for slot in range(self.engine.slots):
+            self.engine.release(slot)
+        text = "x"
+        while True:
+            self.scorer.score([text])
+            self.scorer.embed([text])
+            if len(self.model.tokenizer.encode([text])[0]) + 1 >= self.model.context:
+                break
+            text = text * 2
+
+    # The loop.
+
+    def _run(self) -> None:
+        while not self.stopping:
+            block = not self.engine.busy() and not self.waiting
+            self._take_jobs(block)
+            batch = [j for j in self.waiting if j.kind != "generate"]
+            if batch:
+                self._batch(batch)
+            self._admit()
+            if self.engine.busy():
+                self._step()
+
+    def _take_jobs(self, block: bool) -> None:
+        try:
+            job = self.jobs.get(timeout=0.1) if block else self.jobs.get_nowait()
+        except queue.Empty:
+            return
+        self.waiting.append(job)
+        if job.kind != "generate":  # a score or embed batch waits briefly for more
+            deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    self.waiting.append(self.jobs.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        while True:
+            try:
+                self.waiting.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return
+
+    def _batch(self, jobs: list[_Job]) -> None:
+        """Score or embed the waiting requests together, up to max_batch texts per kind."""
+        for kind in ("score", "embed"):
+            group = [j for j in jobs if j.kind == kind and not j.cancelled]
+            while group:
+                taken, texts = [], 0
+                while group and (not taken or texts + len(group[0].payload.texts) <= self.limits.max_batch):
+                    taken.append(group.pop(0))
+                    texts += len(taken[-1].payload.texts)
+                self._run_batch(kind, taken)
+        self.waiting = [j for j in self.waiting if j.kind == "generate"]
+
+    def _run_batch(self, kind: str, jobs: list[_Job]) -> None:
+        texts = [t for j in jobs for t in j.payload.texts]
+        try:
+            if kind == "score":
+                eos = [j.payload.eos for j in jobs]
+                results: list = []
+                for flag in (False, True):  # requests with and without EOS scoring
+                    picked = [t for j, e in zip(jobs, eos) if e == flag for t in j.payload.texts]
+                    results.append(iter(self.scorer.score(picked, eos=flag)) if picked else iter(()))
+                for j, e in zip(jobs, eos):
+                    j.finish({"scores": [next(results[int(e)]).to_json() for _ in j.payload.texts]})
+                return
+            for key in sorted({(j.payload.pooling, j.payload.normalize) for j in jobs}):
+                same = [j for j in jobs if (j.payload.pooling, j.payload.normalize) == key]
+                vectors = iter(self.scorer.embed([t for j in same for t in j.payload.texts], *key))
+                for j in same:
+                    j.finish({"embeddings": [next(vectors).tolist() for _ in j.payload.texts],
+                              "dim": self.model.cfg.model.d_model})
+        except RequestError as e:
+            for j in jobs:
+                j.finish(e)
+        except Exception as e:  # a failure of the model itself: every request in it gets a 500
+            log.exception("%s batch of %d texts failed", kind, len(texts))
+            for j in jobs:
+                j.finish(e)
+
+    def _admit(self) -> None:
+        """Prefill waiting generate requests into free slots."""
+        while self.engine.free_slots():
+            job = next((j for j in self.waiting if j.kind == "generate"), None)
+            if job is None:
+                return
+            self.waiting.remove(job)
+            if job.cancelled:
+                continue
+            request = job.payload
+            slot = self.engine.add(request)
+            self._emit(job, request)
+            if self.engine.requests[slot] is None:
+                self._complete(job, request)
+            else:
+                self.owners[slot] = job
+
+    def _step(self) -> None:
+        for slot, job in list(self.owners.items()):
+            if job.cancelled:  # the client went away: free its slot now
+                self.engine.release(slot)
+                del self.owners[slot]
+        if not self.engine.busy():
+            return
+        finished = self.engine.step()
+        for slot, job in list(self.owners.items()):
+            self._emit(job, job.payload)
+            if slot in finished:
+                del self.owners[slot]
+                self._complete(job, job.payload)
+
+    def _emit(self, job: _Job, request, final: bool = False) -> None:
+        """Stream the new text, holding back a trailing U+FFFD until the token that
+        completes its UTF-8 character arrives (byte-fallback pieces come a byte at a time)."""
+        text = request.text if final else request.text.rstrip("\ufffd")
+        if job.events is not None and len(text) > job.sent:
+            job.emit({"text": text[job.sent :]})
+            job.sent = len(text)
+
+    def _complete(self, job: _Job, request) -> None:
+        self._emit(job, request, final=True)
+        result = self.engine.take(request).to_json()
+        del result["prompt"]
+        job.finish(result)
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"field": field, "message": message}}, status_code=status)
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes (declared or sent) gets a 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = _error(413, "body", f"the request body is over {self.limit} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker | None = None) -> FastAPI:
+    """The ASGI app. Its worker starts with the app and stops with it."""
+    worker = worker or Worker(model, limits)
+
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="t2x", description="Generate, score and embed with a t2x model.", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, "body", "the body is not valid JSON")
+        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return _error(422, field, first.get("msg", "invalid"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        detail = "the body is not valid UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+        return _error(exc.status_code, field, detail)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError):
+        return _error(422, exc.field, str(exc).split(": ", 1)[-1])
+
+    @app.middleware("http")
+    async def json_only(request: Request, call_next):
+        if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return _error(415, "content-type", "send the body as application/json")
+        return await call_next(request)
+
+    def submit(kind: str, payload: Any, stream: bool = False) -> _Job:
+        loop = asyncio.get_running_loop()
+        job = _Job(kind, payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        try:
+            worker.jobs.put_nowait(job)
+        except queue.Full:
+            raise _Busy from None
+        return job
+
+    @app.exception_handler(_Busy)
+    async def busy(request: Request, exc: _Busy):
+        return _error(503, "request", "the server is at its queue limit; retry later")
+
+    async def wait(job: _Job, request: Request):
+        """The job's result; abandoned if the client disconnects first."""
+        while True:
+            done, _ = await asyncio.wait({job.done}, timeout=0.5)
+            if done:
+                return job.done.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                return JSONResponse({}, status_code=499)  # nobody reads it
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    async def describe():
+        return {"config": to_dict(model.cfg), "source": model.source, "context": model.context,
+                "limits": dataclasses.asdict(limits)}
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody, request: Request):
+        """Continue a prompt. With "stream": true, server-sent events: {"text": ...} per
+        new piece of text, then {"done": true, ...the result}."""
+        wanted = min(64, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
+        sampling = Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, tuple(body.stop))
+        for field, problem in sampling.problems(limits.max_new_tokens):
+            raise RequestError(field, problem)
+        job = submit("generate", worker.engine.encode(body.prompt, sampling), stream=body.stream)
+        if not body.stream:
+            return await wait(job, request)
+
+        async def events():
+            try:
+                while True:
+                    getter = asyncio.ensure_future(job.events.get())
+                    done, _ = await asyncio.wait({getter, job.done}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        yield f"data: {json.dumps(getter.result())}\n\n"
+                        continue
+                    getter.cancel()
+                    while not job.events.empty():
+                        yield f"data: {json.dumps(job.events.get_nowait())}\n\n"
+                    yield f"data: {json.dumps({'done': True, **job.done.result()})}\n\n"
+                    return
+            finally:
+                job.cancelled = job.cancelled or not job.done.done()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/score")
+    async def score(body: ScoreBody, request: Request):
+        """Log-likelihood, tokens, bytes, perplexity and bits per byte of each text."""
+        _check_texts(body.texts, limits)
+        return await wait(submit("score", body), request)
+
+    @app.post("/v1/embed")
+    async def embed(body: EmbedBody, request: Request):
+        """One vector per text: mean or last-token pooling of its final hidden states."""
+        _check_texts(body.texts, limits)
+        for i, text in enumerate(body.texts):
+            if not text:
+                raise RequestError(f"texts.{i}", "is empty: it has no token to embed")
+        return await wait(submit("embed", body), request)
+
+    return _BodyLimit(app, limits.max_body_bytes) if limits.max_body_bytes else app
+
+
+class _Busy(Exception):
+    pass
+
+
+def _check_texts(texts: list[str], limits: Limits) -> None:
+    if len(texts) > limits.max_texts:
+        raise RequestError("texts", f"at most {limits.max_texts} texts per request, got {len(texts)}")
+
+
+def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
+    """Compile every shape, then serve until interrupted."""
+    import uvicorn
+
+    worker = Worker(model, limits)
+    started = time.monotonic()
+    worker.warm_up()
+    log.info("compiled prefill buckets %s, decode for %d slots and score/embed batches of %d in %.1f s",
+             worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
+    uvicorn.run(build_app(model, limits, worker), host=host, port=port, log_level="info")

@@ -90,11 +90,10 @@ def test_a_hundred_concurrent_requests_are_each_answered_as_if_alone(server):
         answers = list(pool.map(lambda a: call(url, "/v1/generate", {"prompt": a[0], "max_new_tokens": a[1]}),
                                 zip(prompts, lengths)))
     assert all(status == 200 for status, _ in answers)
-    alone = {}
-    for prompt, n, (_, body) in zip(prompts, lengths, answers):
-        if (prompt, n) not in alone:
-            alone[prompt, n] = generate(model, [prompt], Sampling(max_new_tokens=n), slots=1)[0].tokens
-        assert json.loads(body)["tokens"] == alone[prompt, n]
+    # One slot: each request decoded alone, one after the other.
+    alone = generate(model, prompts, [Sampling(max_new_tokens=n) for n in lengths], slots=1)
+    for (_, body), expected in zip(answers, alone):
+        assert json.loads(body)["tokens"] == expected.tokens
 
 
 @pytest.mark.parametrize("body,raw,content_type,status,field", [

@@ -35,10 +35,10 @@ MESHES = {
 def test_losses_agree_across_meshes(tmp_path):
     losses = {}
     for name, (mesh, num_devices) in MESHES.items():
-        cfg = tiny_config(tmp_path / name, "train.steps=5", "checkpoint.every=5", *mesh)
+        cfg = tiny_config(tmp_path / name, *mesh)  # the tiny run's own settings: programs other tests compile too
         devices = jax.devices()[:num_devices] if num_devices else None
         train(cfg, devices=devices)
-        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, 6)])
+        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, 5)])
     assert losses["data8"][-1] < losses["data8"][0]
     for name, values in losses.items():
         np.testing.assert_allclose(values, losses["one_device"], rtol=2e-5, err_msg=name)

@@ -15,6 +15,7 @@ position p reads slots 0..p. Nothing is recomputed, and padding never enters a r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
@@ -22,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2x.config import ModelConfig
 from t2x.infer.model import InferenceModel
 from t2x.infer.sampling import Sampling, sample
+from t2x.models import build_model
 from t2x.parallel import sharding_context
 
 MIN_BUCKET = 16
@@ -69,6 +72,28 @@ def buckets(context: int) -> list[int]:
     return [*out, context]
 
 
+@functools.cache
+def _programs(cfg: ModelConfig):
+    """The jitted prefill and decode of a model config, shared by every engine of it."""
+    module = build_model(cfg)
+
+    def prefill(params, cache, slot, tokens, length, temperature, top_k, top_p, seed):
+        """Run a [1, bucket] prompt into row ``slot`` of the cache; its first token."""
+        row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        logits, row = module.apply({"params": params}, tokens, positions, cache=row, last=length[None] - 1)
+        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), cache, row)
+        token = sample(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None], jnp.zeros(1, jnp.int32))
+        return cache, token[0]
+
+    def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts):
+        """One token for every slot."""
+        logits, cache = module.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
+        return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
+
+    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
+
+
 class Engine:
     """Decode slots over one KV cache (see the module docstring).
 
@@ -90,24 +115,7 @@ class Engine:
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
         self.seeds = np.zeros(slots, np.uint32)
-        module = model.module
-
-        def prefill(params, cache, slot, tokens, length, temperature, top_k, top_p, seed):
-            """Run a [1, bucket] prompt into row ``slot`` of the cache; its first token."""
-            row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
-            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-            logits, row = module.apply({"params": params}, tokens, positions, cache=row, last=length[None] - 1)
-            cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), cache, row)
-            token = sample(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None], jnp.zeros(1, jnp.int32))
-            return cache, token[0]
-
-        def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts):
-            """One token for every slot."""
-            logits, cache = module.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
-            return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
-
-        self._prefill = jax.jit(prefill, donate_argnums=1)
-        self._decode = jax.jit(decode, donate_argnums=1)
+        self._prefill, self._decode = _programs(model.cfg.model)
 
     # Requests.
 

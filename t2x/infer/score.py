@@ -11,6 +11,7 @@ the first window is full.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t2x.config import ModelConfig
 from t2x.infer.engine import RequestError
 from t2x.infer.model import InferenceModel
+from t2x.models import build_model
 from t2x.objectives import token_losses
 from t2x.parallel import sharding_context
 
@@ -58,6 +61,22 @@ def windows(text_index: int, ids: list[int], bos: int, window: int, stride: int)
         start += stride
 
 
+@functools.cache
+def _programs(cfg: ModelConfig):
+    """The jitted scoring and hidden-state functions of a model config, shared by every scorer of it."""
+    module = build_model(cfg)
+
+    def log_probs(params, inputs, targets, weights):
+        logits = module.apply({"params": params}, inputs)
+        nll, _ = token_losses(logits, targets)
+        return -(nll * weights).sum(axis=-1)
+
+    def hidden(params, inputs):
+        return module.apply({"params": params}, inputs, hidden=True).astype(jnp.float32)
+
+    return jax.jit(log_probs), jax.jit(hidden)
+
+
 class Scorer:
     """Per-text log-likelihoods and pooled hidden states, batched over texts.
 
@@ -78,18 +97,7 @@ class Scorer:
             raise RequestError("stride", f"must be between 1 and the window {self.window}, got {self.stride}")
         ways = model.batch_ways
         self.batch_size = -(-batch_size // ways) * ways
-        module = model.module
-
-        def log_probs(params, inputs, targets, weights):
-            logits = module.apply({"params": params}, inputs)
-            nll, _ = token_losses(logits, targets)
-            return -(nll * weights).sum(axis=-1)
-
-        def hidden(params, inputs):
-            return module.apply({"params": params}, inputs, hidden=True).astype(jnp.float32)
-
-        self._log_probs = jax.jit(log_probs)
-        self._hidden = jax.jit(hidden)
+        self._log_probs, self._hidden = _programs(model.cfg.model)
 
     def _bucket(self, n: int) -> int:
         b = 16

@@ -31,7 +31,10 @@ EVAL_KEYS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t2x", description="Pretrain Transformer language models with JAX.")
+    parser = argparse.ArgumentParser(
+        prog="t2x", description="Pretrain Transformer language models with JAX; evaluate, export, generate with and "
+        "serve them."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(

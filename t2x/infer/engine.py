@@ -58,9 +58,21 @@ class _Request:
     ids: list[int]  # BOS + prompt tokens
     sampling: Sampling
     prefix: str = ""  # the prompt's tokens decoded: the text before the new tokens
+    decode: Callable[[list[int]], str] | None = None
     generated: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None
+    cut: int | None = None  # where a stop string begins in the text
+    _decoded: tuple[int, str] = (0, "")
+
+    @property
+    def text(self) -> str:
+        """The new tokens' text, decoded when asked for (not at every step), and cut
+        before a stop string."""
+        if self._decoded[0] != len(self.generated):
+            # Decoded after the prompt: a piece's leading space is kept (alone, it would
+            # be dropped as SentencePiece drops the space it adds before a text).
+            self._decoded = (len(self.generated), self.decode(self.ids[1:] + self.generated)[len(self.prefix) :])
+        return self._decoded[1] if self.cut is None else self._decoded[1][: self.cut]
 
 
 def buckets(context: int) -> list[int]:
@@ -129,7 +141,8 @@ class Engine:
                 "prompt", f"is {len(ids) - 1} tokens; the model's context holds {self.context - 2} prompt tokens "
                 "and at least one new token"
             )
-        return _Request(prompt, ids, sampling, self.model.tokenizer.decode(ids[1:]))
+        tokenizer = self.model.tokenizer
+        return _Request(prompt, ids, sampling, tokenizer.decode(ids[1:]), tokenizer.decode)
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self.requests) if r is None]
@@ -182,12 +195,9 @@ class Engine:
             request.finish_reason = "eos"
         else:
             request.generated.append(token)
-            # Decoded after the prompt: a piece's leading space is kept (alone, it would be
-            # dropped as SentencePiece drops the space it adds before a text).
-            request.text = tokenizer.decode(request.ids[1:] + request.generated)[len(request.prefix) :]
             hits = [i for i in (request.text.find(s) for s in request.sampling.stop) if i >= 0]
             if hits:
-                request.text = request.text[: min(hits)]
+                request.cut = min(hits)
                 request.finish_reason = "stop"
             elif len(request.generated) >= request.sampling.max_new_tokens or self.positions[slot] >= self.context:
                 request.finish_reason = "length"

@@ -69,8 +69,18 @@ def sample(
       [batch] int32 token ids.
     """
     logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # Sorting the vocabulary costs more than the rest of a small model's step: only when
+    # some row samples.
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jnp.where(temperature > 0, _draw(logits, temperature, top_k, top_p, seeds, counts), greedy),
+        lambda: greedy,
+    )
+
+
+def _draw(logits, temperature, top_k, top_p, seeds, counts):
+    vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     ranked = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -81,5 +91,4 @@ def sample(
     nucleus = jnp.min(jnp.where(before < top_p[:, None], ranked, jnp.inf), axis=-1, keepdims=True)
     allowed = jnp.where(scaled >= jnp.maximum(kth, nucleus), scaled, -jnp.inf)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds.astype(jnp.uint32), counts)
-    drawn = jax.vmap(jax.random.categorical)(keys, allowed).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    return jax.vmap(jax.random.categorical)(keys, allowed).astype(jnp.int32)

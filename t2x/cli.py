@@ -223,17 +223,24 @@ def _tokenizer_train(args) -> dict:
     return {"model": path, "vocab_size": load_tokenizer(path).vocab_size}
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    """A UTF-8 text file's lines; ``what`` names the argument in the error."""
+    from t2x.infer.engine import RequestError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError(what, f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _read_texts(path: str) -> list[str]:
     """Texts of a file: JSON lines with a "text" field (.jsonl), or one per line."""
     import json
 
     from t2x.infer.engine import RequestError
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RequestError("FILE", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    lines = _read_lines(path, "FILE")
     if not path.endswith(".jsonl"):
         return [line for line in lines if line]
     texts = []
@@ -251,25 +258,12 @@ def _read_texts(path: str) -> list[str]:
 
 
 def _generate(args) -> dict:
-    import dataclasses
-
-    from t2x.infer.engine import generate, read_prompts
+    from t2x.infer.engine import RequestError, generate, read_prompts
     from t2x.infer.model import load
     from t2x.infer.sampling import Sampling
 
-    if args.prompt_file:
-        from t2x.infer.engine import RequestError
-
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts = read_prompts(f)
-        except (OSError, UnicodeDecodeError) as e:
-            raise RequestError("prompt-file", f"cannot read {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
-    else:
-        prompts = args.prompt
+    prompts = read_prompts(_read_lines(args.prompt_file, "prompt-file")) if args.prompt_file else args.prompt
     if args.num_samples < 1:
-        from t2x.infer.engine import RequestError
-
         raise RequestError("num-samples", f"must be >= 1, got {args.num_samples}")
     base = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
     model = load(args.source, args.step, args.overrides)

@@ -61,12 +61,24 @@ def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` for a nested dict (of arrays, or of their shapes)."""
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def flatten(params: Any) -> dict[str, np.ndarray]:
     """``{"a/b/c": array}`` for a nested dict of arrays."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        flat["/".join(str(k.key) for k in path)] = np.asarray(leaf)
-    return flat
+    return {name: np.asarray(leaf) for name, leaf in named_leaves(params).items()}
+
+
+def _check_output(output: str) -> None:
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ExportError(f"--output {output} already exists and is not an empty directory; choose another")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -98,8 +110,7 @@ def _version() -> str:
 def cast(params: Any, dtype: str) -> Any:
     """Parameters in ``dtype``: float32 ones unchanged (bit for bit), bfloat16 ones rounded
     to nearest even as JAX rounds."""
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     target = DTYPES[dtype]
     return jax.tree.map(lambda x: np.asarray(x) if x.dtype == target else np.asarray(x.astype(target)), params)
 
@@ -120,8 +131,7 @@ def write_export(
       ExportError: ``output`` exists and is not empty, or cannot be written.
     """
     output = os.path.abspath(output)
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise ExportError(f"--output {output} already exists and is not an empty directory; choose another")
+    _check_output(output)
     from safetensors.numpy import save_file
 
     flat = flatten(cast(params, dtype))
@@ -239,14 +249,12 @@ def export_run(
     platforms: tuple[str, ...] | None = None,
 ) -> dict:
     """``t2x export``: write a run's checkpoint as an export directory; returns the manifest."""
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)  # before the (long) read of the checkpoint, as the output
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise ExportError(f"--output {output} already exists and is not an empty directory; choose another")
+    _check_output(output)
     exported = read_run(run_dir, step)
     return write_export(output, exported.cfg, exported.params, exported.tokenizer_proto, exported.source, dtype, fmt,
                         platforms)

@@ -75,8 +75,13 @@ class _Request:
         return self._decoded[1] if self.cut is None else self._decoded[1][: self.cut]
 
 
+def bucket(n: int, context: int) -> int:
+    """The padded length of ``n`` tokens: the smallest of ``buckets(context)`` that holds them."""
+    return next(b for b in buckets(context) if b >= n)
+
+
 def buckets(context: int) -> list[int]:
-    """Prefill lengths: powers of two from 16, and the context itself."""
+    """Padded lengths: powers of two from 16, and the context itself."""
     out, n = [], MIN_BUCKET
     while n < context:
         out.append(n)
@@ -154,8 +159,7 @@ class Engine:
         """Prefill ``request`` into a free slot and sample its first token; returns the slot."""
         slot = self.free_slots()[0]
         n = len(request.ids)
-        bucket = next(b for b in self.buckets if b >= n)
-        tokens = np.zeros((1, bucket), np.int32)
+        tokens = np.zeros((1, bucket(n, self.context)), np.int32)
         tokens[0, :n] = request.ids
         s = request.sampling
         self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = s.temperature, s.top_k, s.top_p, s.seed

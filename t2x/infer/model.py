@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError, MeshConfig, load_config
 from t2x.data.tokenizer import Tokenizer
@@ -46,10 +46,6 @@ class InferenceModel:
     def batch_ways(self) -> int:
         """Devices the batch is split over: batch sizes must be multiples of it."""
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
-    def sharding(self, logical: Sequence[str | None]) -> NamedSharding:
-        with sharding_context(self.mesh):
-            return NamedSharding(self.mesh, nn.logical_to_mesh_axes(tuple(logical)))
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
         """A zeroed KV cache [layers, batch, length, kv_heads, head_dim] in the compute
@@ -99,12 +95,10 @@ def place(exported: Exported, mesh_cfg: MeshConfig | None = None, devices=None) 
 
 
 def _check_shapes(params: Any, abstract: Any, where: str) -> None:
-    from t2x.export import ExportError, flatten
+    from t2x.export import ExportError, named_leaves
 
-    got = {k: v.shape for k, v in flatten(params).items()}
-    want = {
-        "/".join(str(k.key) for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-    }
+    got = {k: v.shape for k, v in named_leaves(params).items()}
+    want = {k: v.shape for k, v in named_leaves(abstract).items()}
     problems = [f"{k} is missing" for k in sorted(want) if k not in got]
     problems += [f"{k} is not expected" for k in sorted(got) if k not in want]
     problems += [f"{k} has shape {got[k]}, not {want[k]}" for k in sorted(want) if k in got and got[k] != want[k]]

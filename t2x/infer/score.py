@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2x.config import ModelConfig
-from t2x.infer.engine import RequestError
+from t2x.infer.engine import RequestError, bucket
 from t2x.infer.model import InferenceModel
 from t2x.models import build_model
 from t2x.objectives import token_losses
@@ -99,12 +99,6 @@ class Scorer:
         self.batch_size = -(-batch_size // ways) * ways
         self._log_probs, self._hidden = _programs(model.cfg.model)
 
-    def _bucket(self, n: int) -> int:
-        b = 16
-        while b < n:
-            b *= 2
-        return min(b, self.model.context)
-
     def _rows(self, count: int) -> int:
         return -(-count // self.batch_size) * self.batch_size
 
@@ -120,7 +114,7 @@ class Scorer:
         totals = np.zeros(len(texts), np.float64)
         for first in range(0, len(todo), self.batch_size):
             chunk = todo[first : first + self.batch_size]
-            length = self._bucket(max(len(w.inputs) for w in chunk))
+            length = bucket(max(len(w.inputs) for w in chunk), self.model.context)
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros_like(inputs)
             weights = np.zeros(inputs.shape, np.float32)
@@ -158,7 +152,7 @@ class Scorer:
         out = np.zeros((len(texts), self.model.cfg.model.d_model), np.float32)
         for first in range(0, len(texts), self.batch_size):
             chunk = encoded[first : first + self.batch_size]
-            length = self._bucket(1 + max(len(ids) for ids in chunk))
+            length = bucket(1 + max(len(ids) for ids in chunk), self.model.context)
             inputs = np.zeros((self.batch_size, length), np.int32)
             for r, ids in enumerate(chunk):
                 inputs[r, : 1 + len(ids)] = [tok.bos_id, *ids]

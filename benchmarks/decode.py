@@ -85,7 +85,7 @@ def main() -> None:
     module = build_model(cfg.model)
     params = nn.unbox(module.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"])
     tokenizer = _tokenizer(cfg.model.vocab_size)
-    model = place(Exported(cfg, jax.device_get(params), tokenizer.model_proto, {"kind": "random", "path": args.config}))
+    model = place(Exported(cfg, jax.device_get(params), tokenizer.files, {"kind": "random", "path": args.config}))
     prompt = [tokenizer.bos_id] + list(np.random.default_rng(0).integers(4, tokenizer.vocab_size, args.prompt_tokens - 1))
     m = cfg.model
     hf = None

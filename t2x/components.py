@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError
-from t2x.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from t2x.data.tokenizer import Tokenizer, TokenizerError, from_files, load_tokenizer, pack, unpack
 from t2x.models import build_model
 from t2x.parallel import make_mesh
 
@@ -31,17 +31,17 @@ def shared_tokenizer(spec: str) -> Tokenizer:
     alone and used byte for byte by every process, so all of them tokenize alike."""
     if jax.process_count() == 1:
         return load_tokenizer(spec)
-    proto, error = b"", None
+    data, error = b"", None
     if jax.process_index() == 0:
         try:
-            proto = load_tokenizer(spec).model_proto
+            data = pack(load_tokenizer(spec).files)
         except TokenizerError as e:
             error = e
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if error else len(proto))))
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if error else len(data))))
     if size < 0:
         raise error or TokenizerError(f"data.tokenizer: process 0 could not load {spec}; see its output")
-    buffer = np.frombuffer(proto, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
-    return Tokenizer(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes(), source=spec)
+    buffer = np.frombuffer(data, np.uint8) if jax.process_index() == 0 else np.zeros(size, np.uint8)
+    return from_files(unpack(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()), source=spec)
 
 
 def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Components:

@@ -5,12 +5,13 @@ An export directory is self-contained:
     EXPORT/model.safetensors   parameters only (no optimizer state), each named by its
                                flattened path (``blocks/layers/attn/query/kernel``)
     EXPORT/config.yaml         the run's resolved config
-    EXPORT/tokenizer.model     the SentencePiece model the run trained with
+    EXPORT/tokenizer.model     the tokenizer the run trained with: a SentencePiece model,
+                               or a Hugging Face tokenizer.json and tokenizer_config.json
     EXPORT/manifest.json       source run and step, dtype, parameter count, t2x version,
                                and the SHA-256 of every other file
 
 Reading an export needs neither Orbax nor TensorFlow: safetensors, YAML, JSON and the
-SentencePiece model only, nothing pickled or executed. Reading a run directory's
+tokenizer's files only, nothing pickled or executed. Reading a run directory's
 checkpoint (to export it, or to generate from it directly) uses Orbax, imported then.
 """
 
@@ -36,7 +37,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARAMS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 FORMATS = ("t2x", "stablehlo")
 SERVING = {"logits": "logits.jax_exported", "prefill": "prefill.jax_exported", "decode": "decode.jax_exported"}
@@ -53,7 +53,7 @@ class Exported:
 
     cfg: Config
     params: Any  # nested dict of numpy arrays
-    tokenizer_proto: bytes
+    tokenizer_files: dict[str, bytes]  # by name: tokenizer.model, or tokenizer.json (+ tokenizer_config.json)
     source: dict  # kind (export or run), path, step, and the manifest for an export
 
 
@@ -116,7 +116,7 @@ def cast(params: Any, dtype: str) -> Any:
 
 
 def write_export(
-    output: str, cfg: Config, params: Any, tokenizer_proto: bytes, source: dict, dtype: str, fmt: str = "t2x",
+    output: str, cfg: Config, params: Any, tokenizer_files: dict[str, bytes], source: dict, dtype: str, fmt: str = "t2x",
     platforms: tuple[str, ...] | None = None,
 ) -> dict:
     """Write an export directory (see the module docstring) and return its manifest.
@@ -142,13 +142,14 @@ def write_export(
         save_file(flat, os.path.join(staging, PARAMS_FILE), metadata={"format": FORMAT})
         with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(to_yaml(without_launch_settings(cfg)))
-        with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
-            f.write(tokenizer_proto)
-        written = [PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE]
+        for name, data in tokenizer_files.items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
+        written = [PARAMS_FILE, CONFIG_FILE, *tokenizer_files]
         if fmt == "stablehlo":
-            from t2x.data.tokenizer import Tokenizer
+            from t2x.data.tokenizer import from_files
 
-            bos = Tokenizer(tokenizer_proto, "export").bos_id
+            bos = from_files(tokenizer_files, "export").bos_id
             written += write_serving_functions(staging, cfg, flat, platforms or (jax.default_backend(),), bos)
         manifest = {
             "format": FORMAT,
@@ -195,7 +196,7 @@ def read_export(path: str, verify: bool = True) -> Exported:
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(f"{path} was written by a newer t2x (format version {manifest['format_version']}); upgrade t2x")
     files = manifest.get("files", {})
-    for name in dict.fromkeys([PARAMS_FILE, CONFIG_FILE, TOKENIZER_FILE, *files]):
+    for name in dict.fromkeys([PARAMS_FILE, CONFIG_FILE, *files]):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise ExportError(f"{path} is incomplete: {name} is missing")
@@ -209,9 +210,12 @@ def read_export(path: str, verify: bool = True) -> Exported:
         params = unflatten(load_file(os.path.join(path, PARAMS_FILE)))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{path}/{PARAMS_FILE} is unreadable: {e}") from None
-    with open(os.path.join(path, TOKENIZER_FILE), "rb") as f:
-        tokenizer_proto = f.read()
-    return Exported(cfg, params, tokenizer_proto, {"kind": "export", "path": os.path.abspath(path), "manifest": manifest})
+    from t2x.data.tokenizer import read_files
+
+    tokenizer_files = read_files(path)
+    if not tokenizer_files:
+        raise ExportError(f"{path} is incomplete: it holds no tokenizer (tokenizer.model or tokenizer.json)")
+    return Exported(cfg, params, tokenizer_files, {"kind": "export", "path": os.path.abspath(path), "manifest": manifest})
 
 
 def read_run(run_dir: str, step: int | None = None) -> Exported:
@@ -228,9 +232,9 @@ def read_run(run_dir: str, step: int | None = None) -> Exported:
                                   jax.tree.map(lambda _: device, abstract), cfg.checkpoint.on_damage)
     from t2x.data.tokenizer import load_tokenizer
 
-    proto = load_tokenizer(tokenizer_spec(cfg, run_dir)).model_proto
+    files = load_tokenizer(tokenizer_spec(cfg, run_dir)).files
     params = jax.tree.map(np.asarray, jax.device_get(params))
-    return Exported(cfg, params, proto, {"kind": "run", "path": os.path.abspath(run_dir), "step": step})
+    return Exported(cfg, params, files, {"kind": "run", "path": os.path.abspath(run_dir), "step": step})
 
 
 def read(path: str, step: int | None = None) -> Exported:
@@ -256,7 +260,7 @@ def export_run(
         raise ExportError(f"{run_dir} is already an export directory")
     _check_output(output)
     exported = read_run(run_dir, step)
-    return write_export(output, exported.cfg, exported.params, exported.tokenizer_proto, exported.source, dtype, fmt,
+    return write_export(output, exported.cfg, exported.params, exported.tokenizer_files, exported.source, dtype, fmt,
                         platforms)
 
 

@@ -1,7 +1,8 @@
 """The run directory: resolved config, tokenizer, checkpoints, metrics and TensorBoard events.
 
     RUN_DIR/config.yaml        the resolved config of the latest launch
-    RUN_DIR/tokenizer.model    the SentencePiece model the run trains with
+    RUN_DIR/tokenizer.model    the tokenizer the run trains with: a SentencePiece model, or a
+                               Hugging Face tokenizer.json (and its tokenizer_config.json)
     RUN_DIR/checkpoints/       Orbax checkpoints, one folder per step
     RUN_DIR/metrics.jsonl      one JSON object per logged train or eval point
     RUN_DIR/tensorboard/       event files (train/, eval/)
@@ -18,9 +19,9 @@ import os
 import tensorflow as tf
 
 from t2x.config import Config, ConfigError, load_config, to_yaml, without_launch_settings
+from t2x.data.tokenizer import FILES as TOKENIZER_FILES
 
 CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
 
 
@@ -46,10 +47,15 @@ def check_writable(cfg: Config) -> str:
     return path
 
 
-def write_run_files(path: str, cfg: Config, tokenizer_proto: bytes) -> None:
-    """Record the resolved config (launch settings left out) and the tokenizer in the run directory."""
+def write_run_files(path: str, cfg: Config, tokenizer_files: dict[str, bytes]) -> None:
+    """Record the resolved config (launch settings left out) and the tokenizer's files in
+    the run directory (replacing another tokenizer's)."""
     _write_atomic(os.path.join(path, CONFIG_FILE), to_yaml(without_launch_settings(cfg)).encode())
-    _write_atomic(os.path.join(path, TOKENIZER_FILE), tokenizer_proto)
+    for name in TOKENIZER_FILES:
+        if name in tokenizer_files:
+            _write_atomic(os.path.join(path, name), tokenizer_files[name])
+        elif tf.io.gfile.exists(os.path.join(path, name)):
+            tf.io.gfile.remove(os.path.join(path, name))
 
 
 def recorded_config(run_dir: str) -> Config | None:
@@ -84,7 +90,12 @@ def load_run(target: str, overrides: list[str]) -> tuple[Config, str]:
     return cfg, cfg.train.run_dir
 
 
+def has_tokenizer(run_dir: str) -> bool:
+    """Whether the run directory keeps a copy of its tokenizer."""
+    return any(tf.io.gfile.exists(os.path.join(run_dir, name)) for name in TOKENIZER_FILES)
+
+
 def tokenizer_spec(cfg: Config, run_dir: str) -> str:
-    """The run's own copy of its tokenizer when it has one, else the configured spec."""
-    own = os.path.join(run_dir, TOKENIZER_FILE)
-    return own if tf.io.gfile.exists(own) else cfg.data.tokenizer
+    """The run's own copy of its tokenizer when it has one (the run directory), else the
+    configured spec."""
+    return run_dir if has_tokenizer(run_dir) else cfg.data.tokenizer

@@ -70,7 +70,7 @@ def random_model(variant: str, overrides=()):
     module = build_model(cfg.model)
     params = nn.unbox(module.init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"])
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    exported = Exported(cfg, jax.device_get(params), tokenizer.model_proto, {"kind": "test", "path": variant})
+    exported = Exported(cfg, jax.device_get(params), tokenizer.files, {"kind": "test", "path": variant})
     return place(exported, mesh_overrides(overrides))
 
 

@@ -16,10 +16,10 @@ def test_run_files_config_and_metrics_on_a_remote_filesystem():
     cfg = tiny_config(run_dir, "train.steps=9")
     assert check_writable(cfg) == run_dir
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    write_run_files(run_dir, cfg, tokenizer.model_proto)
+    write_run_files(run_dir, cfg, tokenizer.files)
     loaded, where = load_run(run_dir, ["eval.max_batches=3"])
     assert where == run_dir and loaded.train.steps == 9 and loaded.eval.max_batches == 3
-    assert load_tokenizer(tokenizer_spec(loaded, run_dir)).model_proto == tokenizer.model_proto
+    assert load_tokenizer(tokenizer_spec(loaded, run_dir)).files == tokenizer.files
     for step in (1, 2):  # two launches append to the same file
         writer = MetricsWriter(run_dir)
         writer.write("train", step, {"loss": float(step)})

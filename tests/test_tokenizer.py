@@ -39,10 +39,16 @@ def test_builtin_tokenizer_is_cached_and_has_the_asked_size():
 
 
 def test_bad_tokenizer_specs_are_reported(tmp_path):
-    with pytest.raises(TokenizerError, match="no SentencePiece model"):
+    with pytest.raises(TokenizerError, match="no tokenizer at"):
         load_tokenizer(str(tmp_path / "missing.model"))
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
         load_tokenizer(str(tmp_path / "junk.model"))
     with pytest.raises(TokenizerError, match="builtin:N"):
         load_tokenizer("builtin:abc")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a Hugging Face tokenizer.json"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="holds neither"):
+        load_tokenizer(str(tmp_path / "empty"))

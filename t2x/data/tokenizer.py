@@ -1,20 +1,42 @@
-"""SentencePiece tokenizers: train, load, and the cached built-in one.
+"""Tokenizers: SentencePiece models (trained by t2x, or brought) and Hugging Face
+``tokenizer.json`` files; training, loading, and the cached built-in one.
 
-A tokenizer spec is a path to a SentencePiece ``.model`` file, or ``builtin:N``: the model
-t2x trains with N pieces on the built-in corpus's train split, cached after first use.
+A tokenizer spec is one of:
+
+- ``builtin:N``: the SentencePiece model t2x trains with N pieces on the built-in
+  corpus's train split, cached after first use;
+- a path to a SentencePiece ``.model`` file;
+- a path to a Hugging Face ``tokenizer.json`` (its special tokens are read from the
+  ``tokenizer_config.json`` beside it, when there is one);
+- a directory holding either (a run directory, or an export).
+
+A tokenizer is its files (``Tokenizer.files``): run directories and exports keep a copy
+of them, so a run always tokenizes as it started.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
+import json
 import os
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+FILES = (SENTENCEPIECE_FILE, HF_FILE, HF_CONFIG_FILE)  # every file a tokenizer may consist of
+# End-of-sequence tokens of common Hugging Face tokenizers, for a tokenizer.json that comes
+# without a tokenizer_config.json naming its own.
+_KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _gfile():
@@ -35,40 +57,36 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """A SentencePiece model plus the ids t2x needs (BOS, EOS)."""
+    """What t2x needs of a tokenizer: ids of texts and back, BOS and EOS, and the UTF-8
+    bytes each token stands for (bits per byte). Subclasses hold the model."""
 
-    def __init__(self, model_proto: bytes, source: str):
-        self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.model_proto = model_proto
-        self.source = source
-        self.eos_id = self.processor.eos_id()
-        if self.eos_id < 0:
-            raise TokenizerError(f"tokenizer {source} defines no EOS piece; t2x ends every document with EOS")
-        # Models without BOS (T5's, for one) start documents with EOS, as GPT-2 does.
-        self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else self.eos_id
-        self._piece_bytes = self._bytes_per_piece()
+    source: str
+    bos_id: int
+    eos_id: int
+    files: dict[str, bytes]  # the files that make it, by name (FILES)
+    _piece_bytes: np.ndarray  # UTF-8 bytes of text each id stands for
 
-    def _bytes_per_piece(self) -> np.ndarray:
-        """UTF-8 bytes of text each piece stands for: a byte-fallback piece 1, control
-        pieces 0, others their text with SentencePiece's word-boundary mark as a space."""
-        sp = self.processor
-        sizes = np.zeros(sp.get_piece_size(), np.int64)
-        for i in range(sp.get_piece_size()):
-            if sp.is_byte(i):
-                sizes[i] = 1
-            elif not (sp.is_control(i) or sp.is_unknown(i)):
-                sizes[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        return sizes
     @property
     def vocab_size(self) -> int:
-        return self.processor.get_piece_size()
+        return len(self._piece_bytes)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of its files (of a SentencePiece model's bytes alone)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.files):
+            if len(self.files) > 1:
+                digest.update(f"{name}\0{len(self.files[name])}\0".encode())
+            digest.update(self.files[name])
+        return digest.hexdigest()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text (no BOS/EOS added)."""
-        return self.processor.encode(texts, out_type=int, num_threads=min(4, os.cpu_count() or 1))
+        raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
-        return self.processor.decode(ids)
+        """The text of ``ids``; special tokens (BOS, EOS, padding) decode to nothing."""
+        raise NotImplementedError
 
     def token_bytes(self, documents: Sequence[Sequence[int]], texts: Sequence[str], separators: Sequence[int]) -> list[np.ndarray]:
         """Bytes of text each token stands for, and then the EOS's (its separator).
@@ -95,6 +113,145 @@ class Tokenizer:
             per_token[0] += exact[i] - counted[i]  # to the EOS when the document has no tokens
             out.append(per_token)
         return out
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model."""
+
+    def __init__(self, model_proto: bytes, source: str):
+        try:
+            self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise TokenizerError(f"tokenizer {source} is not a SentencePiece model ({e})") from None
+        self.model_proto = model_proto
+        self.files = {SENTENCEPIECE_FILE: model_proto}
+        self.source = source
+        self.eos_id = self.processor.eos_id()
+        if self.eos_id < 0:
+            raise TokenizerError(f"tokenizer {source} defines no EOS piece; t2x ends every document with EOS")
+        # Models without BOS (T5's, for one) start documents with EOS, as GPT-2 does.
+        self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else self.eos_id
+        self._piece_bytes = self._bytes_per_piece()
+
+    def _bytes_per_piece(self) -> np.ndarray:
+        """A byte-fallback piece 1, control pieces 0, others their text with
+        SentencePiece's word-boundary mark as a space."""
+        sp = self.processor
+        sizes = np.zeros(sp.get_piece_size(), np.int64)
+        for i in range(sp.get_piece_size()):
+            if sp.is_byte(i):
+                sizes[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i)):
+                sizes[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return sizes
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.processor.encode(texts, out_type=int, num_threads=min(4, os.cpu_count() or 1))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer (``tokenizer.json``), with its special tokens
+    from ``tokenizer_config.json`` (``bos_token``, ``eos_token``) when given one."""
+
+    def __init__(self, tokenizer_json: bytes, config_json: bytes | None, source: str):
+        from tokenizers import Tokenizer as Backend
+
+        try:
+            self.backend = Backend.from_str(tokenizer_json.decode("utf-8"))
+            spec = json.loads(tokenizer_json)
+            config = json.loads(config_json) if config_json else {}
+        except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+            raise TokenizerError(f"tokenizer {source} is not a Hugging Face tokenizer.json ({e})") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"tokenizer {source}: {HF_CONFIG_FILE} is not a JSON object")
+        self.files = {HF_FILE: tokenizer_json} | ({HF_CONFIG_FILE: config_json} if config_json else {})
+        self.source = source
+        self.special = self._special_ids(spec)
+        self.eos_id = self._token_id(config.get("eos_token"), "eos_token")
+        if self.eos_id is None:
+            known = [t for t in _KNOWN_EOS if self.backend.token_to_id(t) is not None]
+            if not known:
+                raise TokenizerError(
+                    f"tokenizer {source} names no end-of-sequence token: put a {HF_CONFIG_FILE} with eos_token beside it"
+                )
+            self.eos_id = self.backend.token_to_id(known[0])
+        bos = self._token_id(config.get("bos_token"), "bos_token")
+        self.bos_id = self.eos_id if bos is None else bos  # no BOS: documents start with EOS, as GPT-2's
+        self._piece_bytes = self._bytes_per_piece(spec)
+
+    def _token_id(self, token, key: str) -> int | None:
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None:
+            return None
+        if not isinstance(token, str) or self.backend.token_to_id(token) is None:
+            raise TokenizerError(f"tokenizer {self.source}: {HF_CONFIG_FILE} {key} {token!r} is not in its vocabulary")
+        return self.backend.token_to_id(token)
+
+    @staticmethod
+    def _special_ids(spec: dict) -> set[int]:
+        return {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+
+    def _bytes_per_piece(self, spec: dict) -> np.ndarray:
+        """Byte-level pieces (GPT-2's) one byte per character; SentencePiece-style pieces
+        their text with the word-boundary mark as a space, byte pieces 1; special 0."""
+        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        size = self.backend.get_vocab_size(with_added_tokens=True)
+        sizes = np.zeros(size, np.int64)
+        for i in range(size):
+            piece = self.backend.id_to_token(i)
+            if piece is None or i in self.special:
+                continue
+            if byte_level:
+                sizes[i] = len(piece)
+            elif _BYTE_PIECE.fullmatch(piece):
+                sizes[i] = 1
+            else:
+                sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return sizes
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+
+def from_files(files: dict[str, bytes], source: str) -> Tokenizer:
+    """The tokenizer ``files`` make (a SentencePiece model, or a tokenizer.json and
+    optionally its tokenizer_config.json)."""
+    if SENTENCEPIECE_FILE in files:
+        return SentencePieceTokenizer(files[SENTENCEPIECE_FILE], source)
+    if HF_FILE in files:
+        return HFTokenizer(files[HF_FILE], files.get(HF_CONFIG_FILE), source)
+    raise TokenizerError(f"{source} holds no tokenizer: neither {SENTENCEPIECE_FILE} nor {HF_FILE}")
+
+
+def read_files(directory: str, gfile=None) -> dict[str, bytes]:
+    """The tokenizer files present in ``directory`` (local unless ``gfile`` is given)."""
+    exists = gfile.exists if gfile else os.path.isfile
+    opener = gfile.GFile if gfile else open
+    files = {}
+    for name in FILES:
+        path = os.path.join(directory, name)
+        if exists(path):
+            with opener(path, "rb") as f:
+                files[name] = f.read()
+    if SENTENCEPIECE_FILE in files:  # a directory with both is read as its SentencePiece model
+        files = {SENTENCEPIECE_FILE: files[SENTENCEPIECE_FILE]}
+    return files
+
+
+def pack(files: dict[str, bytes]) -> bytes:
+    """Tokenizer files as one byte string (to send to other processes); ``unpack`` reverses it."""
+    return json.dumps({k: base64.b64encode(v).decode() for k, v in files.items()}).encode()
+
+
+def unpack(data: bytes) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in json.loads(data).items()}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str, model_type: str = "unigram") -> str:
@@ -192,7 +349,7 @@ def builtin_tokenizer_path(vocab_size: int) -> str:
 
 
 def resolve_tokenizer(spec: str) -> str:
-    """The ``.model`` path a tokenizer spec names (training the built-in one if needed)."""
+    """The file or directory a tokenizer spec names (training the built-in one if needed)."""
     if spec.startswith("builtin:"):
         size = spec.split(":", 1)[1]
         if not size.isdigit():
@@ -200,18 +357,28 @@ def resolve_tokenizer(spec: str) -> str:
         return builtin_tokenizer_path(int(size))
     if not _gfile().exists(spec):
         raise TokenizerError(
-            f"data.tokenizer: no SentencePiece model at {spec!r}; train one with "
-            "`t2x tokenizer train` or use builtin:N"
+            f"data.tokenizer: no tokenizer at {spec!r}; give a SentencePiece .model, a Hugging Face "
+            "tokenizer.json or a directory holding one, train one with `t2x tokenizer train`, or use builtin:N"
         )
     return spec
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Load the tokenizer a spec names (a ``.model`` path or ``builtin:N``)."""
+    """Load the tokenizer a spec names (see the module docstring)."""
     path = resolve_tokenizer(spec)
-    with _gfile().GFile(path, "rb") as f:
-        proto = f.read()
-    try:
-        return Tokenizer(proto, source=path)
-    except RuntimeError as e:
-        raise TokenizerError(f"data.tokenizer: {path} is not a SentencePiece model ({e})") from None
+    gfile = _gfile()
+    if gfile.isdir(path):
+        files = read_files(path, gfile)
+        if not files:
+            raise TokenizerError(f"data.tokenizer: {path} holds neither {SENTENCEPIECE_FILE} nor {HF_FILE}")
+        return from_files(files, path)
+    with gfile.GFile(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".json"):
+        config = os.path.join(os.path.dirname(path), HF_CONFIG_FILE)
+        config_json = None
+        if gfile.exists(config):
+            with gfile.GFile(config, "rb") as f:
+                config_json = f.read()
+        return HFTokenizer(data, config_json, path)
+    return SentencePieceTokenizer(data, path)

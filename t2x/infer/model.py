@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError, MeshConfig, load_config
-from t2x.data.tokenizer import Tokenizer
+from t2x.data.tokenizer import Tokenizer, from_files
 from t2x.export import Exported, read
 from t2x.models import abstract_params, build_model
 from t2x.models.layers import compute_dtype
@@ -83,7 +83,7 @@ def place(exported: Exported, mesh_cfg: MeshConfig | None = None, devices=None) 
         devices = jax.local_devices()[: wanted if wanted > 0 else None]
     mesh = make_mesh(mesh_cfg, devices)
     module = build_model(cfg.model)
-    tokenizer = Tokenizer(exported.tokenizer_proto, source=f"{exported.source['path']}")
+    tokenizer = from_files(exported.tokenizer_files, source=f"{exported.source['path']}")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {cfg.model.vocab_size}")
     with sharding_context(mesh):

@@ -23,7 +23,7 @@ from t2x.evaluate import Evaluator
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.parallel import host_to_global, process_rows, sharding_context
 from t2x.parallel.distributed import sum_over_processes
-from t2x.rundir import CHECKPOINTS, TOKENIZER_FILE, check_writable, recorded_config, write_run_files
+from t2x.rundir import CHECKPOINTS, check_writable, has_tokenizer, recorded_config, write_run_files
 from t2x.train.metrics import MetricsWriter
 from t2x.train.preemption import StopRequest
 from t2x.train.resume import Target, data_meta, resume
@@ -49,12 +49,9 @@ def _check_same_config_everywhere(cfg: Config) -> None:
 def _tokenizer_spec(cfg: Config, run_dir: str) -> str:
     """A run keeps the tokenizer it started with: its run directory's copy, unless
     ``data.tokenizer`` now names another (a resume then checks it against the checkpoint)."""
-    import tensorflow as tf
-
     recorded = recorded_config(run_dir)
-    own = os.path.join(run_dir, TOKENIZER_FILE)
-    if recorded is not None and recorded.data.tokenizer == cfg.data.tokenizer and tf.io.gfile.exists(own):
-        return own
+    if recorded is not None and recorded.data.tokenizer == cfg.data.tokenizer and has_tokenizer(run_dir):
+        return run_dir
     return cfg.data.tokenizer
 
 
@@ -141,7 +138,7 @@ class _Run:
             self.newest_checkpoint = resumed.step
             log.info("resumed %s from step %d", run_dir, resumed.step)
         if self.primary:
-            write_run_files(run_dir, cfg, c.tokenizer.model_proto)
+            write_run_files(run_dir, cfg, c.tokenizer.files)
         batch_size = cfg.train.global_batch_size
         self.batches = TrainBatches(
             self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, process_rows(c.mesh, batch_size), positions

@@ -17,7 +17,6 @@ over: the saved state is read with the optimizer it was saved with, and its core
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from typing import Any
 
@@ -48,7 +47,7 @@ def data_meta(cfg: Config, source: Source, tokenizer: Tokenizer) -> dict[str, An
     d = cfg.data
     return {
         "training data": source.fingerprint,  # files (names, sizes), format and text field, or the TFDS split
-        "data.tokenizer": hashlib.sha256(tokenizer.model_proto).hexdigest()[:16],
+        "data.tokenizer": tokenizer.fingerprint[:16],
         "data.num_shards": d.num_shards,
         "data.seq_len": d.seq_len,
         "data.block_docs": d.block_docs,

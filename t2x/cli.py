@@ -95,20 +95,36 @@ def _inference_parsers(commands) -> None:
         "export",
         help="export a checkpoint's parameters for inference",
         description="Write a run's checkpoint (any mesh, any number of processes wrote it) as an export directory: "
-        "model.safetensors (parameters only), config.yaml, tokenizer.model and manifest.json (source run and "
+        "model.safetensors (parameters only), config.yaml, the tokenizer and manifest.json (source run and "
         "step, dtype, parameter count, t2x version, SHA-256 of each file). Reading it back needs neither Orbax "
-        "nor TensorFlow. Prints the manifest as JSON, with the output path.",
+        "nor TensorFlow. --format hf writes a Hugging Face model directory instead (GPT2LMHeadModel or "
+        "LlamaForCausalLM with tokenizer.json), refusing a config neither represents exactly. Prints the "
+        "manifest (or the Hugging Face config) as JSON, with the output path.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest that verifies)")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="float32 keeps the trained values bit for bit; bfloat16 rounds them")
-    export.add_argument("--format", choices=["t2x", "stablehlo"], default="t2x",
-                        help="t2x: the export directory; stablehlo: the same, plus the model's logits, prefill and "
-                        "decode functions serialized with jax.export (symbolic batch and length) and SERVING.md")
+    export.add_argument("--format", choices=["t2x", "hf", "stablehlo"], default="t2x",
+                        help="t2x: the export directory; hf: a Hugging Face model directory (transformers' "
+                        "from_pretrained loads it); stablehlo: the export directory plus the model's logits, prefill "
+                        "and decode functions serialized with jax.export (symbolic batch and length) and SERVING.md")
     export.add_argument("--platforms", default=None, metavar="P[,P...]",
                         help="with --format stablehlo: cpu, cuda, rocm and/or tpu (default: this machine's)")
+
+    import_hf = commands.add_parser(
+        "import-hf",
+        help="import a Hugging Face GPT-2 or Llama model as an export",
+        description="Write a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory (config.json, "
+        "safetensors weights, tokenizer.json or tokenizer.model) as a t2x export directory, which every "
+        "inference command, t2x eval and train.init_from accept. Options t2x cannot reproduce exactly are refused "
+        "by name; pickled weights are never read. Prints the manifest as JSON, with the output path.",
+    )
+    import_hf.add_argument("hf_dir", metavar="HF_DIR")
+    import_hf.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory")
+    import_hf.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                           help="parameter dtype of the export (default: the checkpoint's, float16 as float32)")
 
     def source(p):
         p.add_argument("source", metavar="EXPORT_OR_RUN", help="an export directory, or a run directory")
@@ -325,6 +341,12 @@ def _export(args) -> dict:
     return {"output": os.path.abspath(args.output), **manifest}
 
 
+def _import_hf(args) -> dict:
+    from t2x.hf import import_hf
+
+    return {"output": os.path.abspath(args.output), **import_hf(args.hf_dir, args.output, args.dtype)}
+
+
 def _serve(args) -> dict:
     from t2x.infer.engine import RequestError
     from t2x.infer.model import load
@@ -340,7 +362,7 @@ def _serve(args) -> dict:
     return {"served": True}
 
 
-INFERENCE = {"export": _export, "generate": _generate, "score": _score, "embed": _embed, "serve": _serve}
+INFERENCE = {"export": _export, "import-hf": _import_hf, "generate": _generate, "score": _score, "embed": _embed, "serve": _serve}
 
 
 def _join_job(cfg) -> None:

@@ -230,6 +230,7 @@ class TrainConfig:
     log_every: int = 10
     progress_bar: bool = True
     peak_flops_per_device: Optional[float] = None  # for MFU; None: look up the device kind
+    init_from: Optional[str] = None  # an export (or run) directory whose parameters a new run starts from
 
     def __post_init__(self):
         _one_of("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
@@ -30,7 +32,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from t2x.config import Config, ConfigError, load_config, to_yaml, without_launch_settings
+from t2x.config import Config, ConfigError, ModelConfig, load_config, to_yaml, without_launch_settings
 
 FORMAT = "t2x-export"
 FORMAT_VERSION = 1
@@ -38,7 +40,7 @@ MANIFEST = "manifest.json"
 PARAMS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-FORMATS = ("t2x", "stablehlo")
+FORMATS = ("t2x", "hf", "stablehlo")
 SERVING = {"logits": "logits.jax_exported", "prefill": "prefill.jax_exported", "decode": "decode.jax_exported"}
 SERVING_README = "SERVING.md"
 
@@ -71,12 +73,49 @@ def flatten(params: Any) -> dict[str, np.ndarray]:
     return {name: np.asarray(leaf) for name, leaf in named_leaves(params).items()}
 
 
-def _check_output(output: str) -> None:
+def layers(params: dict, num_layers: int) -> list[dict]:
+    """Each block's parameters, whether the stack is scanned (stacked on a leading axis)
+    or unrolled (``layers_0``, ``layers_1``, ...)."""
+    blocks = params["blocks"]
+    if "layers" in blocks:
+        return [jax.tree.map(lambda x, i=i: np.asarray(x[i]), blocks["layers"]) for i in range(num_layers)]
+    return [blocks[f"layers_{i}"] for i in range(num_layers)]
+
+
+def stacked(per_layer: list[dict], scanned: bool) -> dict:
+    """``blocks`` parameters from each block's: stacked for a scanned stack, else unrolled."""
+    if scanned:
+        return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
+    return {f"layers_{i}": layer for i, layer in enumerate(per_layer)}
+
+
+def relayout(params: dict, m: ModelConfig) -> dict:
+    """``params`` with their blocks laid out as ``m.scan_layers`` wants (stacked on a
+    leading axis, or unrolled), whichever layout they came in."""
+    blocks = params["blocks"]
+    if ("layers" in blocks) == m.scan_layers:
+        return params
+    return {**params, "blocks": stacked(layers(params, m.num_layers), m.scan_layers)}
+
+
+def check_shapes(params: Any, abstract: Any, where: str) -> None:
+    """Raise an ExportError naming the parameters of ``params`` that are missing, not
+    expected, or of another shape than ``abstract``'s."""
+    got = {k: v.shape for k, v in named_leaves(params).items()}
+    want = {k: v.shape for k, v in named_leaves(abstract).items()}
+    problems = [f"{k} is missing" for k in sorted(want) if k not in got]
+    problems += [f"{k} is not expected" for k in sorted(got) if k not in want]
+    problems += [f"{k} has shape {got[k]}, not {want[k]}" for k in sorted(want) if k in got and got[k] != want[k]]
+    if problems:
+        raise ExportError(f"the parameters in {where} do not fit its model config: " + "; ".join(problems[:5]))
+
+
+def check_output(output: str) -> None:
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ExportError(f"--output {output} already exists and is not an empty directory; choose another")
 
 
-def _check_dtype(dtype: str) -> None:
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -110,9 +149,33 @@ def _version() -> str:
 def cast(params: Any, dtype: str) -> Any:
     """Parameters in ``dtype``: float32 ones unchanged (bit for bit), bfloat16 ones rounded
     to nearest even as JAX rounds."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     target = DTYPES[dtype]
     return jax.tree.map(lambda x: np.asarray(x) if x.dtype == target else np.asarray(x.astype(target)), params)
+
+
+@contextmanager
+def staged_directory(output: str) -> Iterator[str]:
+    """A staging folder next to ``output``, moved into place when the block ends without
+    error (and removed when it fails), so an interrupted write leaves no directory that
+    looks complete.
+
+    Raises:
+      ExportError: ``output`` exists and is not empty, or cannot be written.
+    """
+    output = os.path.abspath(output)
+    check_output(output)
+    staging = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    try:
+        os.makedirs(staging, exist_ok=False)
+        yield staging
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty, checked above
+        os.rename(staging, output)
+    except OSError as e:
+        raise ExportError(f"cannot write {output}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_export(
@@ -124,21 +187,13 @@ def write_export(
     ``fmt`` stablehlo adds the model's functions serialized with ``jax.export`` for
     ``platforms`` (default: this machine's), and a README of their inputs and outputs.
 
-    The files are written into a staging folder next to ``output`` and moved into place
-    at the end, so an interrupted export leaves no directory that looks complete.
-
     Raises:
       ExportError: ``output`` exists and is not empty, or cannot be written.
     """
-    output = os.path.abspath(output)
-    _check_output(output)
     from safetensors.numpy import save_file
 
     flat = flatten(cast(params, dtype))
-    parent = os.path.dirname(output)
-    staging = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
-    try:
-        os.makedirs(staging, exist_ok=False)
+    with staged_directory(output) as staging:
         save_file(flat, os.path.join(staging, PARAMS_FILE), metadata={"format": FORMAT})
         with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
             f.write(to_yaml(without_launch_settings(cfg)))
@@ -165,12 +220,6 @@ def write_export(
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty, checked above
-        os.rename(staging, output)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ExportError(f"cannot write the export to {output}: {e.strerror or e}") from None
     return manifest
 
 
@@ -248,17 +297,58 @@ def read(path: str, step: int | None = None) -> Exported:
     return read_run(path, step)
 
 
+# Model settings that leave the parameters' meaning unchanged: a run may start from an
+# export whose config differs in these.
+_FREE_MODEL_SETTINGS = ("dropout", "dtype", "attention", "scan_layers", "remat", "init_std")
+
+
+def initial_params(path: str, m: ModelConfig, tokenizer_fingerprint: str, abstract: Any) -> Any:
+    """``train.init_from``: the float32 parameters of the export (or run directory) at
+    ``path``, laid out for model ``m``, to start a new run from.
+
+    Raises:
+      ExportError: the export's model differs from ``m`` (other than in dropout, dtype,
+        attention, layer scanning, remat or init scale; the setting is named), its
+        tokenizer is not the run's, or its parameters do not fit.
+    """
+    exported = read(path)
+    theirs = exported.cfg.model
+    for field in dataclasses.fields(ModelConfig):
+        name = field.name
+        if name in _FREE_MODEL_SETTINGS or (name == "max_seq_len" and m.position == "rope"):
+            continue
+        if getattr(theirs, name) != getattr(m, name):
+            raise ExportError(f"train.init_from {path} has model.{name}={getattr(theirs, name)}, this run "
+                              f"model.{name}={getattr(m, name)}; set model.{name}={getattr(theirs, name)}")
+    from t2x.data.tokenizer import from_files
+
+    if from_files(exported.tokenizer_files, path).fingerprint != tokenizer_fingerprint:
+        raise ExportError(f"train.init_from {path} was trained with another tokenizer than data.tokenizer names; "
+                          f"set data.tokenizer={path} to train with its own")
+    params = relayout(exported.params, m)
+    check_shapes(params, abstract, path)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
 def export_run(
     run_dir: str, output: str, step: int | None = None, dtype: str = "float32", fmt: str = "t2x",
     platforms: tuple[str, ...] | None = None,
 ) -> dict:
-    """``t2x export``: write a run's checkpoint as an export directory; returns the manifest."""
-    _check_dtype(dtype)  # before the (long) read of the checkpoint, as the output
+    """``t2x export``: write a run's checkpoint as an export directory (``fmt`` t2x or
+    stablehlo), or as a Hugging Face model directory (``fmt`` hf); returns the manifest,
+    or the Hugging Face config."""
+    check_dtype(dtype)  # before the (long) read of the checkpoint, as the output
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
-    _check_output(output)
+    check_output(output)
+    if fmt == "hf":
+        from t2x.hf import architecture, write_hf
+        from t2x.rundir import load_run
+
+        architecture(load_run(run_dir, [])[0].model)  # refused before the checkpoint is read
+        return write_hf(output, read_run(run_dir, step), dtype)
     exported = read_run(run_dir, step)
     return write_export(output, exported.cfg, exported.params, exported.tokenizer_files, exported.source, dtype, fmt,
                         platforms)

@@ -64,9 +64,10 @@ def _apply(cfg, hidden):
     return jax.jit(lambda params, tokens: module.apply({"params": params}, tokens, hidden=hidden))
 
 
-def random_model(variant: str, overrides=()):
-    """A randomly initialized tiny model (larger init, so that logits are far from ties)."""
-    cfg = tiny_config("/nonexistent", "model.init_std=0.3", *VARIANTS[variant])
+def random_model(variant: str, overrides=(), settings=None):
+    """A randomly initialized tiny model (larger init, so that logits are far from ties)
+    of ``VARIANTS[variant]``, or of ``settings`` when given."""
+    cfg = tiny_config("/nonexistent", "model.init_std=0.3", *(VARIANTS[variant] if settings is None else settings))
     module = build_model(cfg.model)
     params = nn.unbox(module.init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"])
     tokenizer = load_tokenizer(cfg.data.tokenizer)

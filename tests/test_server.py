@@ -2,6 +2,7 @@
 function, concurrent requests are batched and answered exactly, bad input gets a 4xx
 naming the field and the server keeps serving."""
 
+import asyncio
 import concurrent.futures
 import json
 import socket
@@ -17,7 +18,7 @@ import uvicorn
 from t2x.infer.engine import generate
 from t2x.infer.sampling import Sampling
 from t2x.infer.score import Scorer
-from t2x.infer.server import Limits, build_app
+from t2x.infer.server import Limits, Worker, _Job, build_app
 from test_infer import PROMPTS, random_model
 
 LIMITS = Limits(slots=4, max_batch=8, max_texts=8, max_new_tokens=24, max_body_bytes=4096)
@@ -104,6 +105,7 @@ def test_a_hundred_concurrent_requests_are_each_answered_as_if_alone(server):
     ({"prompt": "a", "max_new_tokens": 0}, None, "application/json", 422, "max_new_tokens"),
     ({"prompt": "a", "max_new_tokens": 10**9}, None, "application/json", 422, "max_new_tokens"),
     ({"prompt": "a", "temperature": -1.0}, None, "application/json", 422, "temperature"),
+    ({"prompt": "a", "top_k": 2**40}, None, "application/json", 422, "top_k"),  # past int32: it once killed the worker
     ({"prompt": "word " * 200}, None, "application/json", 422, "prompt"),
     ({"prompt": "a", "colour": "red"}, None, "application/json", 422, "colour"),
     ({"prompt": "a"}, None, "text/plain", 415, "content-type"),
@@ -126,6 +128,29 @@ def test_bad_score_and_embed_requests_get_a_4xx_naming_the_field(server):
         ("/v1/score", {"texts": [1, 2]}, "texts.0"),
         ("/v1/embed", {"texts": ["a", ""]}, "texts.1"),
         ("/v1/embed", {"texts": ["a"], "pooling": "max"}, "pooling"),
+        ("/v1/score", {"texts": ["a", "\ud800"]}, "texts.1"),  # a lone surrogate, escaped in JSON
+        ("/v1/embed", {"texts": ["\udfff"]}, "texts.0"),
+        ("/v1/score", {"texts": ["a", ""]}, "texts.1"),  # no token, so no perplexity
     ]:
         status, answer = call(url, path, body)
         assert status == 422 and json.loads(answer)["error"]["field"] == field, (path, body, answer)
+
+
+def test_the_worker_outlives_a_request_it_cannot_run(server):
+    model, _ = server
+    worker = Worker(model, LIMITS)
+    worker.start()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        bad = worker.engine.encode("a", Sampling(max_new_tokens=2, top_k=2**40))  # prefill cannot hold it in an int32
+        good = worker.engine.encode("a", Sampling(max_new_tokens=2))
+        jobs = [_Job("generate", r, loop, loop.create_future()) for r in (bad, good)]
+        for job in jobs:
+            worker.jobs.put_nowait(job)
+        return await asyncio.gather(*(asyncio.wait_for(j.done, 60) for j in jobs), return_exceptions=True)
+
+    failed, answered = asyncio.run(run())
+    worker.stop()
+    assert isinstance(failed, OverflowError)
+    assert answered["tokens"] == generate(model, ["a"], Sampling(max_new_tokens=2))[0].tokens

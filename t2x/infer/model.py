@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError, MeshConfig, load_config
 from t2x.data.tokenizer import Tokenizer, from_files
-from t2x.export import Exported, read
+from t2x.export import Exported, check_shapes, read
 from t2x.models import abstract_params, build_model
 from t2x.models.layers import compute_dtype
 from t2x.parallel import logical_to_shardings, make_mesh, sharding_context
@@ -89,21 +89,9 @@ def place(exported: Exported, mesh_cfg: MeshConfig | None = None, devices=None) 
     with sharding_context(mesh):
         abstract, logical = abstract_params(module, cfg.data.seq_len)
         shardings = logical_to_shardings(logical, abstract, mesh)
-    _check_shapes(exported.params, abstract, exported.source["path"])
+    check_shapes(exported.params, abstract, exported.source["path"])
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), exported.params, shardings)
     return InferenceModel(cfg, module, params, tokenizer, mesh, exported.source)
-
-
-def _check_shapes(params: Any, abstract: Any, where: str) -> None:
-    from t2x.export import ExportError, named_leaves
-
-    got = {k: v.shape for k, v in named_leaves(params).items()}
-    want = {k: v.shape for k, v in named_leaves(abstract).items()}
-    problems = [f"{k} is missing" for k in sorted(want) if k not in got]
-    problems += [f"{k} is not expected" for k in sorted(got) if k not in want]
-    problems += [f"{k} has shape {got[k]}, not {want[k]}" for k in sorted(want) if k in got and got[k] != want[k]]
-    if problems:
-        raise ExportError(f"the parameters in {where} do not fit its model config: " + "; ".join(problems[:5]))
 
 
 def load(path: str, step: int | None = None, overrides: Sequence[str] = (), devices=None) -> InferenceModel:

@@ -28,7 +28,7 @@ from t2x.train.metrics import MetricsWriter
 from t2x.train.preemption import StopRequest
 from t2x.train.resume import Target, data_meta, resume
 from t2x.models import abstract_params, count_params
-from t2x.train.state import init_state, make_optimizer, state_shardings
+from t2x.train.state import init_state, make_optimizer, state_from_params, state_shardings
 from t2x.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,15 @@ class _Run:
         self.checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINTS), cfg.checkpoint)
         _, logical = abstract_params(c.model, seq_len)
         resumed = resume(self.checkpointer, cfg, self.data_meta, Target(abstract, self.shardings, logical, c.mesh))
-        if resumed is None:
+        if resumed is None and cfg.train.init_from:
+            from t2x.export import initial_params
+
+            params = initial_params(cfg.train.init_from, cfg.model, c.tokenizer.fingerprint, abstract.params)
+            self.state = state_from_params(params, self.tx, self.shardings)
+            positions = None
+            self.newest_checkpoint = None
+            log.info("initialized %s parameters from %s", f"{count_params(self.state.params):,}", cfg.train.init_from)
+        elif resumed is None:
             self.state = init_state(c.model, self.tx, self.shardings, cfg.train.seed, seq_len)
             positions = None
             self.newest_checkpoint = None

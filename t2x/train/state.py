@@ -210,6 +210,19 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, shardings: Tr
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def state_from_params(params: Any, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """A TrainState at step 0 holding ``params`` (host arrays, the same in every process)
+    with a fresh optimizer state, created in its shards."""
+    placed = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), params, shardings.params
+    )
+
+    def init(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings)(placed)
+
+
 def skipped_updates(opt_state: Any) -> jax.Array:
     """Updates ``apply_if_finite`` has dropped so far (0 when the run does not skip)."""
     return optax.tree_utils.tree_get(opt_state, "total_notfinite", jnp.zeros((), jnp.int32))

@@ -59,7 +59,7 @@ class GenerateBody(BaseModel):
     prompt: str = Field(min_length=1)
     max_new_tokens: int | None = None  # None: 64, or the server's limit if lower
     temperature: float = 0.0
-    top_k: int = 0
+    top_k: int = Field(0, lt=2**31)  # an int32 on the device
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = Field(default_factory=list, max_length=16)
@@ -223,7 +223,12 @@ class Worker:
             if job.cancelled:
                 continue
             request = job.payload
-            slot = self.engine.add(request)
+            try:
+                slot = self.engine.add(request)
+            except Exception as e:  # this request fails (a 500), the worker and the other slots go on
+                log.exception("prefill of a %d-token prompt failed", len(request.ids))
+                job.finish(e)
+                continue
             self._emit(job, request)
             if self.engine.requests[slot] is None:
                 self._complete(job, request)

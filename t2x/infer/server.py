@@ -424,6 +424,11 @@ class _Busy(Exception):
 def _check_texts(texts: list[str], limits: Limits) -> None:
     if len(texts) > limits.max_texts:
         raise RequestError("texts", f"at most {limits.max_texts} texts per request, got {len(texts)}")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape a lone surrogate ("\\ud800"); the tokenizer cannot take it
+            raise RequestError(f"texts.{i}", "is not valid Unicode: it holds a lone surrogate") from None
 
 
 def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:

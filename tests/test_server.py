@@ -130,6 +130,7 @@ def test_bad_score_and_embed_requests_get_a_4xx_naming_the_field(server):
         ("/v1/embed", {"texts": ["a"], "pooling": "max"}, "pooling"),
         ("/v1/score", {"texts": ["a", "\ud800"]}, "texts.1"),  # a lone surrogate, escaped in JSON
         ("/v1/embed", {"texts": ["\udfff"]}, "texts.0"),
+        ("/v1/score", {"texts": ["a", ""]}, "texts.1"),  # no token, so no perplexity
     ]:
         status, answer = call(url, path, body)
         assert status == 422 and json.loads(answer)["error"]["field"] == field, (path, body, answer)

@@ -403,6 +403,9 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
     async def score(body: ScoreBody, request: Request):
         """Log-likelihood, tokens, bytes, perplexity and bits per byte of each text."""
         _check_texts(body.texts, limits)
+        for i, text in enumerate(body.texts):
+            if not text and not body.eos:  # no token: its perplexity would be NaN, which JSON cannot carry
+                raise RequestError(f"texts.{i}", 'is empty: it has no token to score (with "eos": true, its EOS is scored)')
         return await wait(submit("score", body), request)
 
     @app.post("/v1/embed")

@@ -117,7 +117,7 @@ def test_launch_settings_are_not_part_of_a_run(tmp_path):
     launched = load_config(REPO / "configs" / "tiny.yaml", [
         "distributed.coordinator_address=10.0.0.1:1234", "distributed.num_processes=4", "distributed.process_id=2",
         f"train.run_dir={tmp_path}"])
-    write_run_files(str(tmp_path), launched, b"model")
+    write_run_files(str(tmp_path), launched, {"tokenizer.model": b"model"})
     assert "10.0.0.1" not in (tmp_path / "config.yaml").read_text()
     cfg, _ = load_run(str(tmp_path), [])
     assert cfg.distributed == load_config().distributed

@@ -10,6 +10,9 @@ HTTP server alike.
 
 A row's cache slot p holds the keys and values of its token at position p; a query at
 position p reads slots 0..p. Nothing is recomputed, and padding never enters a result.
+The cache is updated in place, and a step attends over the cache's first W slots only,
+W the bucket of its longest row, so a step costs what the rows' lengths need rather than
+the whole context (one decode program per bucket, ``warm_up`` compiles them all).
 """
 
 from __future__ import annotations
@@ -95,20 +98,21 @@ def _programs(cfg: ModelConfig):
     module = build_model(cfg)
 
     def prefill(params, cache, slot, tokens, length, temperature, top_k, top_p, seed):
-        """Run a [1, bucket] prompt into row ``slot`` of the cache; its first token."""
-        row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
+        """Run a [1, bucket] prompt into row ``slot`` of the cache (written in place,
+        attending over its first ``bucket`` slots); its first token."""
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        logits, row = module.apply({"params": params}, tokens, positions, cache=row, last=length[None] - 1)
-        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), cache, row)
+        logits, cache = module.apply({"params": params}, tokens, positions, cache=cache, rows=slot[None],
+                                     window=tokens.shape[1], last=length[None] - 1)
         token = sample(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None], jnp.zeros(1, jnp.int32))
         return cache, token[0]
 
-    def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts):
-        """One token for every slot."""
-        logits, cache = module.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache)
+    def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts, window):
+        """One token for every slot, attending over the cache's first ``window`` slots."""
+        logits, cache = module.apply({"params": params}, tokens[:, None], positions[:, None], cache=cache,
+                                     window=window)
         return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
 
-    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
+    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1, static_argnames="window")
 
 
 class Engine:
@@ -181,7 +185,7 @@ class Engine:
         with sharding_context(self.model.mesh):
             self.cache, tokens = self._decode(
                 self.model.params, self.cache, self.tokens, positions, self.temperature, self.top_k, self.top_p,
-                self.seeds, counts,
+                self.seeds, counts, window=bucket(int(positions.max()) + 1, self.context),
             )
         tokens = np.asarray(jax.device_get(tokens))
         finished = []
@@ -190,6 +194,20 @@ class Engine:
             if self._accept(slot, int(tokens[slot])):
                 finished.append(slot)
         return finished
+
+    def warm_up(self) -> None:
+        """Compile every program a request can need: the prefill at each bucket length and
+        the decode step at each window (the same lengths). Call it before adding requests:
+        it writes into the cache."""
+        slot = np.int32(0)
+        with sharding_context(self.model.mesh):
+            for n in self.buckets:
+                self.cache, _ = self._prefill(self.model.params, self.cache, slot, np.zeros((1, n), np.int32),
+                                              np.int32(1), np.float32(0), np.int32(0), np.float32(1), np.uint32(0))
+                idle = np.zeros(self.slots, np.int32)
+                self.cache, _ = self._decode(self.model.params, self.cache, idle, idle, self.temperature, self.top_k,
+                                             self.top_p, self.seeds, idle, window=n)
+        jax.block_until_ready(self.cache)
 
     def _accept(self, slot: int, token: int) -> bool:
         """Record a sampled token; free the slot when its request is done."""

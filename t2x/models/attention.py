@@ -32,26 +32,39 @@ def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
     return jnp.arange(cache_len)[None, None, None, :] <= positions[:, None, :, None]
 
 
-def write_cache(cache: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
-    """``cache`` [batch, cache_len, heads, head_dim] with ``values`` [batch, q_len, heads,
-    head_dim] written at the slots ``positions`` [batch, q_len]; positions past the end
-    are dropped."""
-    return jax.vmap(lambda c, p, v: c.at[p].set(v.astype(c.dtype), mode="drop"))(cache, positions, values)
+def write_cache(cache: jax.Array, layer, rows: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
+    """The stacked ``cache`` [layers, cache rows, cache_len, heads, head_dim] with
+    ``values`` [batch, q_len, heads, head_dim] written into ``layer`` at cache rows
+    ``rows`` [batch] and slots ``positions`` [batch, q_len]; positions past the end are
+    dropped. A scatter into the whole cache, which XLA does in place."""
+    return cache.at[layer, rows[:, None], positions].set(values.astype(cache.dtype), mode="drop")
+
+
+def read_cache(cache: jax.Array, layer, rows: jax.Array | None, window: int) -> jax.Array:
+    """Slots ``0..window-1`` of ``layer`` of the stacked cache: of every cache row
+    (``rows`` None), or of the rows ``rows`` [batch]."""
+    if rows is None:
+        start = (layer, *([0] * (cache.ndim - 1)))
+        return jax.lax.dynamic_slice(cache, start, (1, cache.shape[1], window, *cache.shape[3:]))[0]
+    return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)[rows, :window]
 
 
 class Attention(nn.Module):
     """Self-attention with ``num_kv_heads`` key/value heads shared by groups of query heads.
 
-    With a KV cache (``cache``: keys and values [batch, cache_len, kv_heads, head_dim]),
-    the keys and values of ``x`` are written into it at their positions and the queries
-    attend over the whole cache (``mask`` then comes from ``cache_mask``); the updated
-    cache is returned with the output.
+    With a KV cache (``cache``: every layer's keys and values [layers, cache rows,
+    cache_len, kv_heads, head_dim]), the keys and values of ``x`` are written into layer
+    ``layer`` of it, at cache rows ``rows`` (default: row i of ``x`` is cache row i) and
+    at their positions, and the queries attend over its first ``window`` slots (``mask``
+    then comes from ``cache_mask``); the updated cache is returned with the output.
     """
 
     cfg: ModelConfig
+    window: int | None = None  # cache slots attended (default: all)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
+                 layer=None, rows: jax.Array | None = None):
         cfg = self.cfg
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
         q = dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
@@ -64,8 +77,12 @@ class Attention(nn.Module):
         k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
         if cache is not None:
-            cache = {"k": write_cache(cache["k"], positions, k), "v": write_cache(cache["v"], positions, v)}
-            k, v = (constrain(cache[n].astype(q.dtype), ("batch", "length", "act_kv_heads", "head_dim")) for n in "kv")
+            written = jnp.arange(x.shape[0]) if rows is None else rows
+            cache = {"k": write_cache(cache["k"], layer, written, positions, k),
+                     "v": write_cache(cache["v"], layer, written, positions, v)}
+            window = self.window or cache["k"].shape[2]
+            k, v = (constrain(read_cache(cache[n], layer, rows, window).astype(q.dtype),
+                              ("batch", "length", "act_kv_heads", "head_dim")) for n in "kv")
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, implementation=None if cfg.attention == "auto" else cfg.attention
         )

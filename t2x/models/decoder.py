@@ -25,6 +25,8 @@ class DecoderLM(nn.Module):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         cache: dict | None = None,
+        rows: jax.Array | None = None,
+        window: int | None = None,
         last: jax.Array | None = None,
         hidden: bool = False,
     ):
@@ -35,10 +37,14 @@ class DecoderLM(nn.Module):
           positions: [batch, seq] position of each token within its document (default 0..seq-1).
           segment_ids: [batch, seq] packed-document ids, 0 for padding (default: one document).
           deterministic: disables dropout.
-          cache: a KV cache {"k", "v"} [layers, batch, cache_len, kv_heads, head_dim]
-            (``InferenceModel.init_cache``). Each token's keys and values are written at
-            its position, and it attends to its row's cache slots up to its position;
-            ``segment_ids`` do not apply.
+          cache: a KV cache {"k", "v"} [layers, cache rows, cache_len, kv_heads,
+            head_dim] (``InferenceModel.init_cache``). Each token's keys and values are
+            written at its position of its cache row, and it attends to that row's slots
+            up to its position; ``segment_ids`` do not apply.
+          rows: [batch] the cache row of each row of ``tokens`` (default: the same index;
+            the batch is then the cache's).
+          window: with a cache, attend over its first ``window`` slots only (a static
+            size; every position of ``tokens`` must be below it). Default: all.
           last: [batch] index of the one position per row whose logits are computed.
           hidden: return the final-norm hidden states instead of logits.
 
@@ -77,8 +83,8 @@ class DecoderLM(nn.Module):
             mask = attention_mask(segment_ids, seq_len, causal=True)
             x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
         else:
-            mask = cache_mask(positions, cache["k"].shape[2])
-            x, cache = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask, cache)
+            mask = cache_mask(positions, window or cache["k"].shape[2])
+            x, cache = BlockStack(cfg, deterministic, window, name="blocks")(x, positions, mask, cache, rows)
         x = norm(cfg, "final_norm")(x)
         if hidden:
             return x if cache is None else (x, cache)

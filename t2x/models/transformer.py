@@ -21,25 +21,32 @@ REMAT_POLICIES = {
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)).
 
-    Returns x; with a KV cache, or when scanned, (x, the layer's updated cache or None).
+    With a KV cache (every layer's, stacked), this block is layer ``layer`` of it; see
+    ``Attention``. Returns x, or (x, the updated cache) with a cache. Scanned, the carry
+    is x, or (x, cache) with a cache, and ``layer`` comes from the scanned axis.
     """
 
     cfg: ModelConfig
     deterministic: bool = True
     scanned: bool = False
+    window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None):
+    def __call__(self, x, positions: jax.Array, mask: jax.Array, layer=None, rows: jax.Array | None = None,
+                 cache: dict | None = None):
         cfg = self.cfg
+        if self.scanned and isinstance(x, tuple):
+            x, cache = x
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, name="attn")(norm(cfg, "attn_norm")(x), positions, mask, cache)
+        h = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x), positions, mask, cache, layer, rows)
         if cache is not None:
             h, cache = h
         x = x + dropout(h)
         h = MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
         x = x + dropout(h)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
-        return (x, cache) if self.scanned or cache is not None else x
+        out = x if cache is None else (x, cache)
+        return (out, None) if self.scanned else out
 
 
 class BlockStack(nn.Module):
@@ -47,14 +54,17 @@ class BlockStack(nn.Module):
     axis, so compile time does not grow with depth) or an unrolled Python loop.
 
     A KV cache holds every layer's keys and values stacked on a leading [layers] axis
-    either way; with one, the stack returns (x, updated cache).
+    either way, updated in place layer by layer; with one, the stack returns (x, the
+    updated cache). ``rows`` and ``window``: see ``Attention``.
     """
 
     cfg: ModelConfig
     deterministic: bool = True
+    window: int | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
+                 rows: jax.Array | None = None):
         cfg = self.cfg
         block = Block
         if cfg.remat != "none":
@@ -64,20 +74,19 @@ class BlockStack(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = stack(cfg, self.deterministic, scanned=True, name=STACKED_LAYERS)(x, positions, mask, cache)
-            return x if cache is None else (x, cache)
-        layers = []
+            layer_ids = None if cache is None else jax.numpy.arange(cfg.num_layers)
+            carry = x if cache is None else (x, cache)
+            out, _ = stack(cfg, self.deterministic, scanned=True, window=self.window, name=STACKED_LAYERS)(
+                carry, positions, mask, layer_ids, rows
+            )
+            return out
         for i in range(cfg.num_layers):
-            layer = block(cfg, self.deterministic, name=f"layers_{i}")
-            if cache is None:
-                x = layer(x, positions, mask)
-            else:
-                x, updated = layer(x, positions, mask, jax.tree.map(lambda c: c[i], cache))
-                layers.append(updated)
-        if cache is None:
-            return x
-        return x, jax.tree.map(lambda *per_layer: jax.numpy.stack(per_layer), *layers)
+            out = block(cfg, self.deterministic, window=self.window, name=f"layers_{i}")(
+                x, positions, mask, i, rows, cache
+            )
+            x, cache = (out, None) if cache is None else out
+        return x if cache is None else (x, cache)

@@ -4,8 +4,9 @@ For a config's model shape (random weights: speed does not depend on them), meas
 greedy decoding of ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt at each
 batch size: time to the first token (prefill and one sample) and decode tokens/s (new
 tokens of all sequences over the time after the first). Then the same with
-``transformers``' ``GPT2LMHeadModel.generate`` (CPU torch, KV cache on) for GPT-2-shaped
-configs, alternating the two ``--repeats`` times and reporting medians.
+``transformers``' ``generate`` (CPU torch, KV cache on) on the Hugging Face export of the
+same weights (``GPT2LMHeadModel`` or ``LlamaForCausalLM``), alternating the two
+``--repeats`` times and reporting medians.
 
     python benchmarks/decode.py configs/tiny.yaml
     python benchmarks/decode.py configs/gpt2_small.yaml --batch 1 32 --new-tokens 64
@@ -87,20 +88,21 @@ def main() -> None:
     tokenizer = _tokenizer(cfg.model.vocab_size)
     model = place(Exported(cfg, jax.device_get(params), tokenizer.files, {"kind": "random", "path": args.config}))
     prompt = [tokenizer.bos_id] + list(np.random.default_rng(0).integers(4, tokenizer.vocab_size, args.prompt_tokens - 1))
-    m = cfg.model
     hf = None
-    gpt2_shaped = m.position == "learned" and m.norm == "layernorm" and m.mlp == "gelu" and m.kv_heads == m.num_heads
-    if gpt2_shaped and not args.no_hf:
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+    if not args.no_hf:
+        import tempfile
 
-        torch.manual_seed(0)
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=m.vocab_size, n_positions=m.max_seq_len, n_embd=m.d_model,
-                                        n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff)).eval()
+        from transformers import AutoModelForCausalLM
+
+        from t2x.hf import write_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_hf(f"{tmp}/hf", Exported(cfg, jax.device_get(params), tokenizer.files, {"kind": "random"}))
+            hf = AutoModelForCausalLM.from_pretrained(f"{tmp}/hf").eval()
     rows = []
     for batch in args.batch:
         engine = Engine(model, batch)
-        t2x_decode(engine, prompt, 4)  # compile
+        engine.warm_up()  # compile
         if hf is not None:
             hf_decode(hf, batch, prompt, 4)
         runs = {"t2x": [], "hf": []}

@@ -324,3 +324,40 @@ def test_serving_functions_run_from_jax_export_alone(run, tmp_path):
     greedy = generate(model, ["Return the", "A new list of"], Sampling(max_new_tokens=5))
     for got, c in zip(result["greedy"], greedy):  # t2x stops at EOS; the loop above does not
         assert got[: len(c.tokens) + 1] == c.tokens + ([model.tokenizer.eos_id] if c.finish_reason == "eos" else [])
+
+
+def test_t2x_serve_answers_http_on_loopback_and_stops_on_sigterm(exported):
+    """The command a user runs: `t2x serve EXPORT --port N`, queried as curl would."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "t2x.cli", "serve", str(exported), "--port", str(port),
+                               "--slots", "2", "--max-batch", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                    assert json.loads(r.read()) == {"status": "ok"}
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "Return the", "max_new_tokens": 6}).encode()
+        request = urllib.request.Request(f"{url}/v1/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        expected = generate(load(str(exported)), ["Return the"], Sampling(max_new_tokens=6))[0]
+        assert answer["tokens"] == expected.tokens and answer["text"] == expected.text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    # uvicorn shuts down cleanly, then ends by the signal it caught.
+    log = server.stderr.read()
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-2000:]

@@ -231,12 +231,17 @@ class TrainConfig:
     progress_bar: bool = True
     peak_flops_per_device: Optional[float] = None  # for MFU; None: look up the device kind
     init_from: Optional[str] = None  # an export (or run) directory whose parameters a new run starts from
+    sample_tokens: int = 0  # at the end, continue sample_prompt by this many tokens (0: no sample)
+    sample_prompt: str = ""
+    sample_temperature: float = 0.8
 
     def __post_init__(self):
         _one_of("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])
         for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every", "max_consecutive_skips"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")
+        _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(bool(self.run_dir), "train.run_dir must be set")
 

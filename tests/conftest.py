@@ -37,6 +37,7 @@ TINY = [
     "train.steps=4",
     "train.log_every=1",
     "train.progress_bar=false",
+    "train.sample_tokens=0",
     "optim.warmup_steps=1",
     "checkpoint.every=2",
     "eval.every=0",

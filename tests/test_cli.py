@@ -8,6 +8,9 @@ import pytest
 
 from conftest import REPO, TINY
 from t2x import cli
+from t2x.infer.engine import generate
+from t2x.infer.model import load
+from t2x.infer.sampling import Sampling
 
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 
@@ -22,12 +25,16 @@ def strict_json(line: str) -> dict:
 
 def test_train_then_eval_through_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    trained = run_t2x("train", TINY_CONFIG, *TINY, f"train.run_dir={run_dir}", "eval.max_batches=null")
+    trained = run_t2x("train", TINY_CONFIG, *TINY, f"train.run_dir={run_dir}", "eval.max_batches=null",
+                      "train.sample_tokens=6")  # the prompt is tiny.yaml's
     assert trained.returncode == 0, trained.stderr
     [line] = trained.stdout.splitlines()  # the result and nothing else
     final = strict_json(line)
     assert {"loss", "perplexity", "bits_per_byte", "tokens", "step"} <= final.keys()
     assert final["step"] == 4 and final["perplexity"] > 1
+    # It ends with a sample, the one `t2x generate` gives with the same settings.
+    sampling = Sampling(max_new_tokens=6, temperature=0.8, seed=0)
+    assert final["sample"] == generate(load(str(run_dir)), ["Return the"], sampling)[0].text
     for name in ("config.yaml", "tokenizer.model", "metrics.jsonl", "checkpoints/4", "tensorboard/train"):
         assert (run_dir / name).exists(), name
 

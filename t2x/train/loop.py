@@ -326,5 +326,25 @@ class _Run:
         self.checkpointer.wait()
         self.unconfirmed = None  # the run ended with finite values: the last save counts
         self.retain()
-        return self.evaluate(max(first, steps))
+        result = self.evaluate(max(first, steps))
+        if cfg.train.sample_tokens:
+            result["sample"] = self.sample()
+        return result
+
+    def sample(self) -> str:
+        """``train.sample_prompt`` continued by the trained model (on one device of each
+        process, from the parameters gathered there): what ``t2x generate`` gives with
+        the same settings and seed."""
+        from t2x.export import Exported
+        from t2x.infer.engine import generate
+        from t2x.infer.model import place
+        from t2x.infer.sampling import Sampling
+
+        t = self.cfg.train
+        params = multihost_utils.process_allgather(self.state.params, tiled=True)
+        model = place(Exported(self.cfg, params, self.c.tokenizer.files, {"kind": "run", "path": t.run_dir}))
+        sampling = Sampling(max_new_tokens=t.sample_tokens, temperature=t.sample_temperature, seed=t.seed)
+        text = generate(model, [t.sample_prompt], sampling)[0].text
+        log.info("sample: %r", t.sample_prompt + text)
+        return text
 

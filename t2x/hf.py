@@ -36,6 +36,7 @@ def architecture(m: ModelConfig) -> str:
     Raises:
       ExportError: no supported class does; the message names the option.
     """
+
     def refuse(option: str, why: str):
         raise ExportError(f"--format hf: {option} cannot be exported exactly: {why}")
 
@@ -69,14 +70,19 @@ def _gpt2_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     def bias(p: dict, n: int) -> np.ndarray:
         return np.asarray(p["bias"]).reshape(-1) if "bias" in p else zeros(n)
 
-    out = {"transformer.wte.weight": params["embed"]["embedding"], "transformer.wpe.weight": params["pos_embed"]["embedding"]}
+    out = {
+        "transformer.wte.weight": params["embed"]["embedding"],
+        "transformer.wpe.weight": params["pos_embed"]["embedding"],
+    }
     for i, layer in enumerate(layers(params, m.num_layers)):
         a, mlp, pre = layer["attn"], layer["mlp"], f"transformer.h.{i}."
         out |= {
             pre + "ln_1.weight": layer["attn_norm"]["scale"],
             pre + "ln_1.bias": bias(layer["attn_norm"], d),
             # Conv1D weights are [in, out]: q, k and v side by side in c_attn.
-            pre + "attn.c_attn.weight": np.concatenate([a[n]["kernel"].reshape(d, d) for n in ("query", "key", "value")], 1),
+            pre + "attn.c_attn.weight": np.concatenate(
+                [a[n]["kernel"].reshape(d, d) for n in ("query", "key", "value")], 1
+            ),
             pre + "attn.c_attn.bias": np.concatenate([bias(a[n], d) for n in ("query", "key", "value")]),
             pre + "attn.c_proj.weight": a["out"]["kernel"].reshape(d, d),
             pre + "attn.c_proj.bias": bias(a["out"], d),
@@ -87,7 +93,10 @@ def _gpt2_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
             pre + "mlp.c_proj.weight": mlp["down"]["kernel"],
             pre + "mlp.c_proj.bias": bias(mlp["down"], d),
         }
-    out |= {"transformer.ln_f.weight": params["final_norm"]["scale"], "transformer.ln_f.bias": bias(params["final_norm"], d)}
+    out |= {
+        "transformer.ln_f.weight": params["final_norm"]["scale"],
+        "transformer.ln_f.bias": bias(params["final_norm"], d),
+    }
     if not m.tie_embeddings:
         out["lm_head.weight"] = params["lm_head"]["kernel"].T
     return out
@@ -98,8 +107,10 @@ def _llama_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": params["embed"]["embedding"]}
     for i, layer in enumerate(layers(params, m.num_layers)):
         a, mlp, pre = layer["attn"], layer["mlp"], f"model.layers.{i}."
-        out |= {pre + "input_layernorm.weight": layer["attn_norm"]["scale"],
-                pre + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"]}
+        out |= {
+            pre + "input_layernorm.weight": layer["attn_norm"]["scale"],
+            pre + "post_attention_layernorm.weight": layer["mlp_norm"]["scale"],
+        }
         for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
             out[f"{pre}self_attn.{theirs}.weight"] = a[ours]["kernel"].reshape(d, -1).T  # Linear: [out, in]
             if m.use_bias:
@@ -109,7 +120,10 @@ def _llama_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
             out[f"{pre}mlp.{theirs}.weight"] = mlp[ours]["kernel"].T
         if m.use_bias:
             out[pre + "self_attn.o_proj.bias"] = a["out"]["bias"]
-            out |= {f"{pre}mlp.{t}.bias": mlp[o]["bias"] for o, t in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))}
+            out |= {
+                f"{pre}mlp.{t}.bias": mlp[o]["bias"]
+                for o, t in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+            }
     out["model.norm.weight"] = params["final_norm"]["scale"]
     if not m.tie_embeddings:
         out["lm_head.weight"] = params["lm_head"]["kernel"].T
@@ -117,22 +131,56 @@ def _llama_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 
 def _hf_config(m: ModelConfig, arch: str, dtype: str, bos_id: int, eos_id: int) -> dict:
-    common = {"architectures": [arch], "vocab_size": m.vocab_size, "tie_word_embeddings": m.tie_embeddings,
-              "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype, "use_cache": True}
+    common = {
+        "architectures": [arch],
+        "vocab_size": m.vocab_size,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
     if arch == GPT2:
-        return {"model_type": "gpt2", **common, "n_embd": m.d_model, "n_layer": m.num_layers, "n_head": m.num_heads,
-                "n_inner": m.d_ff, "n_positions": m.max_seq_len, "n_ctx": m.max_seq_len,
-                "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "resid_pdrop": m.dropout,
-                "embd_pdrop": m.dropout, "attn_pdrop": m.dropout, "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "initializer_range": m.init_std}
-    return {"model_type": "llama", **common, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_size,
-            "intermediate_size": m.d_ff, "max_position_embeddings": m.max_seq_len, "hidden_act": "silu",
-            "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-            "attention_bias": m.use_bias, "mlp_bias": m.use_bias, "attention_dropout": 0.0,
-            "initializer_range": m.init_std, "pretraining_tp": 1}
+        return {
+            "model_type": "gpt2",
+            **common,
+            "n_embd": m.d_model,
+            "n_layer": m.num_layers,
+            "n_head": m.num_heads,
+            "n_inner": m.d_ff,
+            "n_positions": m.max_seq_len,
+            "n_ctx": m.max_seq_len,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": m.dropout,
+            "embd_pdrop": m.dropout,
+            "attn_pdrop": m.dropout,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "initializer_range": m.init_std,
+        }
+    return {
+        "model_type": "llama",
+        **common,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_size,
+        "intermediate_size": m.d_ff,
+        "max_position_embeddings": m.max_seq_len,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "attention_bias": m.use_bias,
+        "mlp_bias": m.use_bias,
+        "attention_dropout": 0.0,
+        "initializer_range": m.init_std,
+        "pretraining_tp": 1,
+    }
 
 
 def sentencepiece_to_hf(proto: bytes) -> bytes:
@@ -155,13 +203,19 @@ def sentencepiece_to_hf(proto: bytes) -> bytes:
     model = sentencepiece_model_pb2.ModelProto.FromString(proto)
     spec, norm = model.trainer_spec, model.normalizer_spec
     if spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        raise ExportError("--format hf: data.tokenizer is not a unigram SentencePiece model; t2x converts unigram models only")
+        raise ExportError(
+            "--format hf: data.tokenizer is not a unigram SentencePiece model; t2x converts unigram models only"
+        )
     if norm.name not in ("identity", "") and norm.precompiled_charsmap:
-        raise ExportError(f"--format hf: data.tokenizer normalizes text ({norm.name}); "
-                          "t2x converts SentencePiece models with identity normalization only")
+        raise ExportError(
+            f"--format hf: data.tokenizer normalizes text ({norm.name}); "
+            "t2x converts SentencePiece models with identity normalization only"
+        )
     if norm.remove_extra_whitespaces or spec.treat_whitespace_as_suffix:
-        raise ExportError("--format hf: data.tokenizer removes extra whitespace or marks words at their end; "
-                          "t2x converts models that keep whitespace as it is")
+        raise ExportError(
+            "--format hf: data.tokenizer removes extra whitespace or marks words at their end; "
+            "t2x converts models that keep whitespace as it is"
+        )
     piece = sentencepiece_model_pb2.ModelProto.SentencePiece
     best = max((p.score for p in model.pieces if p.type == piece.NORMAL), default=0.0)
     vocab = []
@@ -176,13 +230,21 @@ def sentencepiece_to_hf(proto: bytes) -> bytes:
     steps = [normalizers.Prepend("\u2581")] if norm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     strip = [decoders.Strip(content=" ", left=1, right=0)] if norm.add_dummy_prefix else []
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
-    tokenizer.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                                  for p in model.pieces if p.type in (piece.CONTROL, piece.UNKNOWN)])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), *strip]
+    )
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(p.piece, special=True, normalized=False)
+            for p in model.pieces
+            if p.type in (piece.CONTROL, piece.UNKNOWN)
+        ]
+    )
     if spec.bos_id >= 0:  # encoding for the model starts with BOS, as t2x's sequences do
         bos = model.pieces[spec.bos_id].piece
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, spec.bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, spec.bos_id)]
+        )
     return tokenizer.to_str().encode()
 
 
@@ -252,7 +314,9 @@ def _read_json(path: str, what: str) -> dict:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except FileNotFoundError:
-        raise ExportError(f"{os.path.dirname(path)} has no {os.path.basename(path)}: it is not a Hugging Face model directory") from None
+        raise ExportError(
+            f"{os.path.dirname(path)} has no {os.path.basename(path)}: it is not a Hugging Face model directory"
+        ) from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{path} is unreadable ({what}): {e}") from None
     if not isinstance(value, dict):
@@ -271,7 +335,11 @@ def _read_weights(hf_dir: str) -> dict[str, np.ndarray]:
         shards = [WEIGHTS]
     else:
         pickled = [f for f in ("pytorch_model.bin", "model.bin") if os.path.isfile(os.path.join(hf_dir, f))]
-        hint = f" (it has {pickled[0]}: t2x reads no pickled weights; save them with safe_serialization)" if pickled else ""
+        hint = (
+            f" (it has {pickled[0]}: t2x reads no pickled weights; save them with safe_serialization)"
+            if pickled
+            else ""
+        )
         raise ExportError(f"{hf_dir} has no {WEIGHTS} or {WEIGHTS_INDEX}{hint}")
     tensors: dict[str, np.ndarray] = {}
     for shard in shards:
@@ -292,15 +360,29 @@ def _model_config(hf: dict) -> tuple[str, dict]:
     if arch == GPT2:
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             refuse("activation_function", "t2x's GELU is the tanh approximation (gelu_new)")
-        for key, plain in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True), ("add_cross_attention", False)):
+        for key, plain in (
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("scale_attn_weights", True),
+            ("add_cross_attention", False),
+        ):
             if hf.get(key, plain) != plain:
                 refuse(key, "not a plain GPT-2 attention")
         d = hf.get("n_embd", 768)
-        return arch, {"d_model": d, "num_layers": hf.get("n_layer", 12), "num_heads": hf.get("n_head", 12),
-                      "d_ff": hf.get("n_inner") or 4 * d, "max_seq_len": hf.get("n_positions", 1024),
-                      "vocab_size": hf.get("vocab_size", 50257), "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-                      "position": "learned", "norm": "layernorm", "mlp": "gelu", "use_bias": True,
-                      "tie_embeddings": hf.get("tie_word_embeddings", True), "init_std": hf.get("initializer_range", 0.02)}
+        return arch, {
+            "d_model": d,
+            "num_layers": hf.get("n_layer", 12),
+            "num_heads": hf.get("n_head", 12),
+            "d_ff": hf.get("n_inner") or 4 * d,
+            "max_seq_len": hf.get("n_positions", 1024),
+            "vocab_size": hf.get("vocab_size", 50257),
+            "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+            "position": "learned",
+            "norm": "layernorm",
+            "mlp": "gelu",
+            "use_bias": True,
+            "tie_embeddings": hf.get("tie_word_embeddings", True),
+            "init_std": hf.get("initializer_range", 0.02),
+        }
     if arch == LLAMA:
         if hf.get("hidden_act", "silu") != "silu":
             refuse("hidden_act", "t2x's SwiGLU uses SiLU")
@@ -310,14 +392,24 @@ def _model_config(hf: dict) -> tuple[str, dict]:
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             refuse("mlp_bias", "t2x has biases in all projections or in none (attention_bias must equal mlp_bias)")
         d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-        return arch, {"d_model": d, "num_layers": hf.get("num_hidden_layers", 32), "num_heads": heads,
-                      "num_kv_heads": hf.get("num_key_value_heads") or heads,
-                      "head_dim": None if hf.get("head_dim", d // heads) == d // heads else hf["head_dim"],
-                      "d_ff": hf.get("intermediate_size", 11008), "max_seq_len": hf.get("max_position_embeddings", 2048),
-                      "vocab_size": hf.get("vocab_size", 32000), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-                      "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "position": "rope",
-                      "norm": "rmsnorm", "mlp": "swiglu", "use_bias": bool(hf.get("attention_bias", False)),
-                      "tie_embeddings": hf.get("tie_word_embeddings", False), "init_std": hf.get("initializer_range", 0.02)}
+        return arch, {
+            "d_model": d,
+            "num_layers": hf.get("num_hidden_layers", 32),
+            "num_heads": heads,
+            "num_kv_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": None if hf.get("head_dim", d // heads) == d // heads else hf["head_dim"],
+            "d_ff": hf.get("intermediate_size", 11008),
+            "max_seq_len": hf.get("max_position_embeddings", 2048),
+            "vocab_size": hf.get("vocab_size", 32000),
+            "norm_eps": hf.get("rms_norm_eps", 1e-6),
+            "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "use_bias": bool(hf.get("attention_bias", False)),
+            "tie_embeddings": hf.get("tie_word_embeddings", False),
+            "init_std": hf.get("initializer_range", 0.02),
+        }
     raise ExportError(f"config.json describes {arch or hf.get('model_type')!r}; t2x imports {GPT2} and {LLAMA} models")
 
 
@@ -335,8 +427,9 @@ class _Tensors:
             raise ExportError(f"{self.where} has no tensor {self.prefix}{name}")
         value = self.tensors.pop(name)
         if value.shape != tuple(shape):
-            raise ExportError(f"{self.where}: {self.names[name]} has shape {value.shape}, not {tuple(shape)} as "
-                              "config.json implies")
+            raise ExportError(
+                f"{self.where}: {self.names[name]} has shape {value.shape}, not {tuple(shape)} as config.json implies"
+            )
         return value
 
     def done(self) -> None:
@@ -351,20 +444,31 @@ def _gpt2_params(m: ModelConfig, w: _Tensors) -> dict:
     for i in range(m.num_layers):
         t = lambda name, *shape, i=i: w.take(f"h.{i}.{name}", shape)  # noqa: E731
         qkv, qkv_bias = t("attn.c_attn.weight", d, 3 * d), t("attn.c_attn.bias", 3 * d)
-        attn = {n: {"kernel": qkv[:, j * d:(j + 1) * d].reshape(d, h, hd), "bias": qkv_bias[j * d:(j + 1) * d].reshape(h, hd)}
-                for j, n in enumerate(("query", "key", "value"))}
+        attn = {
+            n: {
+                "kernel": qkv[:, j * d : (j + 1) * d].reshape(d, h, hd),
+                "bias": qkv_bias[j * d : (j + 1) * d].reshape(h, hd),
+            }
+            for j, n in enumerate(("query", "key", "value"))
+        }
         attn["out"] = {"kernel": t("attn.c_proj.weight", d, d).reshape(h, hd, d), "bias": t("attn.c_proj.bias", d)}
-        per_layer.append({
-            "attn_norm": {"scale": t("ln_1.weight", d), "bias": t("ln_1.bias", d)},
-            "attn": attn,
-            "mlp_norm": {"scale": t("ln_2.weight", d), "bias": t("ln_2.bias", d)},
-            "mlp": {"up": {"kernel": t("mlp.c_fc.weight", d, f), "bias": t("mlp.c_fc.bias", f)},
-                    "down": {"kernel": t("mlp.c_proj.weight", f, d), "bias": t("mlp.c_proj.bias", d)}},
-        })
-    params = {"embed": {"embedding": w.take("wte.weight", (m.vocab_size, d))},
-              "pos_embed": {"embedding": w.take("wpe.weight", (m.max_seq_len, d))},
-              "blocks": stacked(per_layer, m.scan_layers),
-              "final_norm": {"scale": w.take("ln_f.weight", (d,)), "bias": w.take("ln_f.bias", (d,))}}
+        per_layer.append(
+            {
+                "attn_norm": {"scale": t("ln_1.weight", d), "bias": t("ln_1.bias", d)},
+                "attn": attn,
+                "mlp_norm": {"scale": t("ln_2.weight", d), "bias": t("ln_2.bias", d)},
+                "mlp": {
+                    "up": {"kernel": t("mlp.c_fc.weight", d, f), "bias": t("mlp.c_fc.bias", f)},
+                    "down": {"kernel": t("mlp.c_proj.weight", f, d), "bias": t("mlp.c_proj.bias", d)},
+                },
+            }
+        )
+    params = {
+        "embed": {"embedding": w.take("wte.weight", (m.vocab_size, d))},
+        "pos_embed": {"embedding": w.take("wpe.weight", (m.max_seq_len, d))},
+        "blocks": stacked(per_layer, m.scan_layers),
+        "final_norm": {"scale": w.take("ln_f.weight", (d,)), "bias": w.take("ln_f.bias", (d,))},
+    }
     return params
 
 
@@ -379,16 +483,29 @@ def _llama_params(m: ModelConfig, w: _Tensors) -> dict:
             if m.use_bias:
                 attn[ours]["bias"] = t(f"self_attn.{theirs}.bias", heads * hd).reshape(heads, hd)
         attn["out"] = {"kernel": t("self_attn.o_proj.weight", d, h * hd).T.reshape(h, hd, d)}
-        for ours, theirs, shape in (("gate", "gate_proj", (f, d)), ("up", "up_proj", (f, d)), ("down", "down_proj", (d, f))):
+        for ours, theirs, shape in (
+            ("gate", "gate_proj", (f, d)),
+            ("up", "up_proj", (f, d)),
+            ("down", "down_proj", (d, f)),
+        ):
             mlp[ours] = {"kernel": t(f"mlp.{theirs}.weight", *shape).T}
             if m.use_bias:
                 mlp[ours]["bias"] = t(f"mlp.{theirs}.bias", shape[0])
         if m.use_bias:
             attn["out"]["bias"] = t("self_attn.o_proj.bias", d)
-        per_layer.append({"attn_norm": {"scale": t("input_layernorm.weight", d)}, "attn": attn,
-                          "mlp_norm": {"scale": t("post_attention_layernorm.weight", d)}, "mlp": mlp})
-    return {"embed": {"embedding": w.take("embed_tokens.weight", (m.vocab_size, d))},
-            "blocks": stacked(per_layer, m.scan_layers), "final_norm": {"scale": w.take("norm.weight", (d,))}}
+        per_layer.append(
+            {
+                "attn_norm": {"scale": t("input_layernorm.weight", d)},
+                "attn": attn,
+                "mlp_norm": {"scale": t("post_attention_layernorm.weight", d)},
+                "mlp": mlp,
+            }
+        )
+    return {
+        "embed": {"embedding": w.take("embed_tokens.weight", (m.vocab_size, d))},
+        "blocks": stacked(per_layer, m.scan_layers),
+        "final_norm": {"scale": w.take("norm.weight", (d,))},
+    }
 
 
 def read_hf(hf_dir: str) -> Exported:
@@ -417,12 +534,22 @@ def read_hf(hf_dir: str) -> Exported:
         raise ExportError(str(e)) from None
     context = model["max_seq_len"]
     try:
-        cfg = load_config(None, [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
-                          + [f"data.tokenizer={hf_dir}", f"data.seq_len={min(context, 1024)}", f"name={os.path.basename(os.path.abspath(hf_dir))}"])
+        cfg = load_config(
+            None,
+            [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+            + [
+                f"data.tokenizer={hf_dir}",
+                f"data.seq_len={min(context, 1024)}",
+                f"name={os.path.basename(os.path.abspath(hf_dir))}",
+            ],
+        )
     except ConfigError as e:
         raise ExportError(f"{hf_dir}/config.json: {e}") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ExportError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary {cfg.model.vocab_size}")
+        raise ExportError(
+            f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
+            f"{cfg.model.vocab_size}"
+        )
     tensors = _read_weights(hf_dir)
     prefix = "transformer." if arch == GPT2 else "model."
     head = tensors.pop("lm_head.weight", None)

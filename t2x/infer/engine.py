@@ -1,10 +1,10 @@
 """Generation with a KV cache and continuous batching.
 
 The engine owns a fixed number of decode slots, each a row of one preallocated KV cache
-[layers, slots, context, kv_heads, head_dim]. ``add`` prefills a prompt into a free slot
-(the prompt is padded on the right to a bucket length, so only a few prefill shapes ever
-compile) and samples its first token; ``step`` decodes one token for every busy slot at
-once. A request that finishes frees its slot at once, and the next ``add`` fills it while
+[layers, slots, context, kv_heads, head_dim]. ``add_many`` prefills prompts together,
+each into a free slot (padded on the right to a bucket length, and their count to a
+power of two, so only a few prefill shapes ever compile), and samples their first
+tokens; ``step`` decodes one token for every busy slot at once. A request that finishes frees its slot at once, and the next ``add`` fills it while
 the others keep decoding: that is continuous batching, for ``generate`` below and for the
 HTTP server alike.
 
@@ -83,6 +83,16 @@ def bucket(n: int, context: int) -> int:
     return next(b for b in buckets(context) if b >= n)
 
 
+def prefill_sizes(slots: int) -> list[int]:
+    """Prompts prefilled together are padded to one of these counts: powers of two below
+    ``slots``, and ``slots``."""
+    out, n = [], 1
+    while n < slots:
+        out.append(n)
+        n *= 2
+    return [*out, slots]
+
+
 def buckets(context: int) -> list[int]:
     """Padded lengths: powers of two from 16, and the context itself."""
     out, n = [], MIN_BUCKET
@@ -97,14 +107,15 @@ def _programs(cfg: ModelConfig):
     """The jitted prefill and decode of a model config, shared by every engine of it."""
     module = build_model(cfg)
 
-    def prefill(params, cache, slot, tokens, length, temperature, top_k, top_p, seed):
-        """Run a [1, bucket] prompt into row ``slot`` of the cache (written in place,
-        attending over its first ``bucket`` slots); its first token."""
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        logits, cache = module.apply({"params": params}, tokens, positions, cache=cache, rows=slot[None],
-                                     window=tokens.shape[1], last=length[None] - 1)
-        token = sample(logits[:, 0], temperature[None], top_k[None], top_p[None], seed[None], jnp.zeros(1, jnp.int32))
-        return cache, token[0]
+    def prefill(params, cache, rows, tokens, lengths, temperature, top_k, top_p, seeds):
+        """Run [k, bucket] prompts into cache rows ``rows`` (written in place, attending
+        over the first ``bucket`` slots; a row past the cache is padding, dropped); the
+        first token of each."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        logits, cache = module.apply({"params": params}, tokens, positions, cache=cache, rows=rows,
+                                     window=tokens.shape[1], last=lengths - 1)
+        counts = jnp.zeros(tokens.shape[0], jnp.int32)
+        return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
 
     def decode(params, cache, tokens, positions, temperature, top_k, top_p, seeds, counts, window):
         """One token for every slot, attending over the cache's first ``window`` slots."""
@@ -161,21 +172,35 @@ class Engine:
 
     def add(self, request: _Request) -> int:
         """Prefill ``request`` into a free slot and sample its first token; returns the slot."""
-        slot = self.free_slots()[0]
-        n = len(request.ids)
-        tokens = np.zeros((1, bucket(n, self.context)), np.int32)
-        tokens[0, :n] = request.ids
-        s = request.sampling
-        self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = s.temperature, s.top_k, s.top_p, s.seed
+        return self.add_many([request])[0]
+
+    def add_many(self, requests: Sequence[_Request]) -> list[int]:
+        """Prefill ``requests`` (at most as many as free slots) together, one free slot
+        each, and sample their first tokens; returns their slots."""
+        slots = self.free_slots()[: len(requests)]
+        if len(slots) < len(requests):
+            raise ValueError(f"{len(requests)} requests for {len(slots)} free slots")
+        k = next(size for size in prefill_sizes(self.slots) if size >= len(requests))
+        length = bucket(max(len(r.ids) for r in requests), self.context)
+        tokens, lengths = np.zeros((k, length), np.int32), np.ones(k, np.int32)
+        rows = np.full(k, self.slots, np.int32)  # past the cache: padding, never written
+        for i, (slot, r) in enumerate(zip(slots, requests)):
+            tokens[i, : len(r.ids)], lengths[i], rows[i] = r.ids, len(r.ids), slot
+            s = r.sampling
+            self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = (
+                s.temperature, s.top_k, s.top_p, s.seed)
+        padded = np.minimum(rows, self.slots - 1)  # padding rows sample with any slot's settings
         with sharding_context(self.model.mesh):
-            self.cache, token = self._prefill(
-                self.model.params, self.cache, np.int32(slot), tokens, np.int32(n), np.float32(s.temperature),
-                np.int32(s.top_k), np.float32(s.top_p), np.uint32(s.seed),
+            self.cache, first = self._prefill(
+                self.model.params, self.cache, rows, tokens, lengths, self.temperature[padded], self.top_k[padded],
+                self.top_p[padded], self.seeds[padded],
             )
-        self.requests[slot] = request
-        self.positions[slot] = n
-        self._accept(slot, int(token))
-        return slot
+        first = np.asarray(jax.device_get(first))
+        for i, (slot, r) in enumerate(zip(slots, requests)):
+            self.requests[slot] = r
+            self.positions[slot] = len(r.ids)
+            self._accept(slot, int(first[i]))
+        return slots
 
     def step(self) -> list[int]:
         """Decode one token for every busy slot; returns the slots that finished."""
@@ -196,14 +221,15 @@ class Engine:
         return finished
 
     def warm_up(self) -> None:
-        """Compile every program a request can need: the prefill at each bucket length and
-        the decode step at each window (the same lengths). Call it before adding requests:
-        it writes into the cache."""
-        slot = np.int32(0)
+        """Compile every program a request can need: the prefill of each number of prompts
+        (``prefill_sizes``) at each bucket length, and the decode step at each window (the
+        same lengths). Call it before adding requests: it writes into the cache."""
         with sharding_context(self.model.mesh):
             for n in self.buckets:
-                self.cache, _ = self._prefill(self.model.params, self.cache, slot, np.zeros((1, n), np.int32),
-                                              np.int32(1), np.float32(0), np.int32(0), np.float32(1), np.uint32(0))
+                for k in prefill_sizes(self.slots):
+                    rows, ones = np.arange(k, dtype=np.int32), np.ones(k, np.int32)
+                    self.cache, _ = self._prefill(self.model.params, self.cache, rows, np.zeros((k, n), np.int32), ones,
+                                                  self.temperature[:k], self.top_k[:k], self.top_p[:k], self.seeds[:k])
                 idle = np.zeros(self.slots, np.int32)
                 self.cache, _ = self._decode(self.model.params, self.cache, idle, idle, self.temperature, self.top_k,
                                              self.top_p, self.seeds, idle, window=n)
@@ -270,9 +296,10 @@ def generate(
     done: dict[int, Completion] = {}
 
     def fill():
-        while waiting and engine.free_slots():
-            i = waiting.popleft()
-            slot = engine.add(requests[i])
+        admitted = [waiting.popleft() for _ in range(min(len(waiting), len(engine.free_slots())))]
+        if not admitted:
+            return
+        for i, slot in zip(admitted, engine.add_many([requests[i] for i in admitted])):
             if engine.requests[slot] is None:  # finished on its first token
                 done[i] = engine.take(requests[i])
             else:

@@ -214,26 +214,38 @@ class Worker:
                 j.finish(e)
 
     def _admit(self) -> None:
-        """Prefill waiting generate requests into free slots."""
-        while self.engine.free_slots():
-            job = next((j for j in self.waiting if j.kind == "generate"), None)
-            if job is None:
-                return
+        """Prefill waiting generate requests into free slots, together."""
+        jobs = [j for j in self.waiting if j.kind == "generate" and not j.cancelled][: len(self.engine.free_slots())]
+        for job in [j for j in self.waiting if j.kind == "generate" and (j.cancelled or j in jobs)]:
             self.waiting.remove(job)
-            if job.cancelled:
+        if not jobs:
+            return
+        try:
+            slots = self.engine.add_many([job.payload for job in jobs])
+        except Exception as e:
+            if len(jobs) == 1:
+                return self._prefill_failed(jobs[0], e)
+            slots = [self._admit_one(job) for job in jobs]  # find the request that fails
+        for job, slot in zip(jobs, slots):
+            if slot is None:
                 continue
-            request = job.payload
-            try:
-                slot = self.engine.add(request)
-            except Exception as e:  # this request fails (a 500), the worker and the other slots go on
-                log.exception("prefill of a %d-token prompt failed", len(request.ids))
-                job.finish(e)
-                continue
-            self._emit(job, request)
+            self._emit(job, job.payload)
             if self.engine.requests[slot] is None:
-                self._complete(job, request)
+                self._complete(job, job.payload)
             else:
                 self.owners[slot] = job
+
+    def _admit_one(self, job: _Job) -> int | None:
+        try:
+            return self.engine.add(job.payload)
+        except Exception as e:
+            return self._prefill_failed(job, e)
+
+    @staticmethod
+    def _prefill_failed(job: _Job, error: Exception) -> None:
+        """A request whose prefill fails gets a 500; the worker and the other slots go on."""
+        log.error("prefill of a %d-token prompt failed: %r", len(job.payload.ids), error)
+        job.finish(error)
 
     def _step(self) -> None:
         for slot, job in list(self.owners.items()):

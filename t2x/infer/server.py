@@ -453,6 +453,6 @@ def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limi
     worker = Worker(model, limits)
     started = time.monotonic()
     worker.warm_up()
-    log.info("compiled prefill buckets %s, decode for %d slots and score/embed batches of %d in %.1f s",
-             worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
+    log.info("compiled prefill and decode at lengths %s for up to %d prompts, and score/embed batches of %d, "
+             "in %.1f s", worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
     uvicorn.run(build_app(model, limits, worker), host=host, port=port, log_level="info")

@@ -13,6 +13,7 @@ from conftest import restored, tiny_config
 from t2x.cli import main
 from t2x.data import corpus
 from t2x.data.sources import read_texts
+from t2x.config import load_config
 from t2x.data.tokenizer import load_tokenizer
 from t2x.export import Exported, ExportError, read_export, relayout
 from t2x.hf import architecture, read_hf, write_hf
@@ -138,6 +139,17 @@ def test_a_transformers_gpt2_imports_and_scores_as_transformers_does(tmp_path, c
     code = main(["eval", str(tmp_path / "export"), "--text", str(file), "eval.global_batch_size=8", "data.seq_len=64"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["bytes"] == len(texts[1][:60].encode()) and 0 < result["bits_per_byte"] < 20
+    # Pretraining continues from it, tokenizing with its tokenizer.json.
+    export = tmp_path / "export"
+    cfg = load_config(export / "config.yaml", [
+        f"train.run_dir={tmp_path / 'continued'}", f"train.init_from={export}", f"data.tokenizer={export}",
+        "train.steps=2", "train.global_batch_size=8", "data.seq_len=32", "data.block_docs=16", "eval.max_batches=1",
+        "train.progress_bar=false", "train.log_every=1"])
+    result = train(cfg)
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "continued" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line) and json.loads(line)["split"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_imports_that_t2x_cannot_reproduce_are_refused(tmp_path, capsys):

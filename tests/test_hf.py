@@ -122,6 +122,12 @@ def test_a_transformers_gpt2_imports_and_scores_as_transformers_does(tmp_path, c
     assert code == 0 and manifest["source"]["architecture"] == "GPT2LMHeadModel"
     assert set(manifest["files"]) >= {"tokenizer.json", "tokenizer_config.json", "model.safetensors"}
     model = load(str(tmp_path / "export"))
+    # Weights sharded over several safetensors files (model.safetensors.index.json) read the same.
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    hf_tokenizer.save_pretrained(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    for a, b in zip(jax.tree.leaves(read_hf(str(tmp_path / "sharded")).params), jax.tree.leaves(model.params)):
+        assert np.array_equal(a, b)
     assert model.tokenizer.encode(texts[:20]) == [hf_tokenizer(t)["input_ids"] for t in texts[:20]]
     ids = [model.tokenizer.bos_id, *model.tokenizer.encode([texts[1]])[0]][:40]
     assert_close(forward(model, ids), hf_logits(hf, ids))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import scenarios  # noqa: E402
 from harness import REPO, Row  # noqa: E402
+from serve import BEGIN, END  # noqa: E402
 
 GROUPS = ("kills", "sigterm", "damage", "disk", "data", "multihost", "configs")
 
@@ -67,6 +68,15 @@ def report(rows: list[Row], command: str, seconds: float, work: pathlib.Path) ->
     return "\n".join(lines)
 
 
+def kept_section(page: pathlib.Path) -> str:
+    """The section ``reliability/serve.py`` wrote between its markers (it reruns on its
+    own), or nothing."""
+    text = page.read_text() if page.exists() else ""
+    if BEGIN not in text or END not in text:
+        return ""
+    return "\n" + text[text.index(BEGIN) : text.index(END) + len(END)] + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="kill -9 count of the soak")
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     command = " ".join(["python reliability/run.py", *(sys.argv[1:] if argv is None else argv)])
-    page = report(rows, command.strip(), time.time() - started, work)
+    page = report(rows, command.strip(), time.time() - started, work) + kept_section(REPO / "docs" / "reliability.md")
     if args.no_write:
         print(page)
     else:

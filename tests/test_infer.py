@@ -18,7 +18,7 @@ from conftest import REPO, restored, tiny_config
 from t2x.cli import main
 from t2x.data.tokenizer import load_tokenizer
 from t2x.export import Exported, ExportError, export_run, flatten, read_export
-from t2x.infer.engine import RequestError, generate
+from t2x.infer.engine import Engine, RequestError, generate
 from t2x.infer.model import load, mesh_overrides, place
 from t2x.infer.sampling import Sampling, sample
 from t2x.infer.score import Scorer
@@ -165,6 +165,13 @@ def test_a_request_decodes_the_same_alone_or_in_a_busy_batch():
     assert [c.tokens for c in together] == [c.tokens for c in alone]
     reseeded = generate(model, PROMPTS[:1], Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=99))
     assert reseeded[0].tokens != alone[0].tokens
+    # A freed slot is greedy again (a sampling row makes every decode step take the slow path).
+    engine = Engine(model, 2)
+    slot = engine.add(engine.encode(PROMPTS[0], settings[0]))
+    assert engine.temperature[slot] == 1.0
+    while engine.busy():
+        engine.step()
+    assert not engine.temperature.any() and not engine.top_k.any() and (engine.top_p == 1).all()
 
 
 def test_sampling_keeps_exactly_the_top_k_and_top_p_tokens_with_their_probabilities():

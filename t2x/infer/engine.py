@@ -189,12 +189,10 @@ class Engine:
             s = r.sampling
             self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = (
                 s.temperature, s.top_k, s.top_p, s.seed)
-        padded = np.minimum(rows, self.slots - 1)  # padding rows sample with any slot's settings
+        settings = [np.append(a, np.array(greedy, a.dtype))[rows]  # padding rows (index slots): greedy
+                    for a, greedy in ((self.temperature, 0.0), (self.top_k, 0), (self.top_p, 1.0), (self.seeds, 0))]
         with sharding_context(self.model.mesh):
-            self.cache, first = self._prefill(
-                self.model.params, self.cache, rows, tokens, lengths, self.temperature[padded], self.top_k[padded],
-                self.top_p[padded], self.seeds[padded],
-            )
+            self.cache, first = self._prefill(self.model.params, self.cache, rows, tokens, lengths, *settings)
         first = np.asarray(jax.device_get(first))
         for i, (slot, r) in enumerate(zip(slots, requests)):
             self.requests[slot] = r
@@ -252,12 +250,18 @@ class Engine:
         self.tokens[slot] = token
         if request.finish_reason is None:
             return False
-        self.requests[slot] = None
+        self._free(slot)
         return True
 
     def release(self, slot: int) -> None:
         """Free a slot whose request was abandoned (its client went away)."""
+        self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        """Free a slot and make it greedy again: while any row samples, every decode
+        step takes the (slower) sampling path."""
         self.requests[slot] = None
+        self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = 0.0, 0, 1.0, 0
 
     def take(self, slot_request: _Request) -> Completion:
         r = slot_request

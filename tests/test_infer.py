@@ -174,6 +174,18 @@ def test_a_request_decodes_the_same_alone_or_in_a_busy_batch():
     assert not engine.temperature.any() and not engine.top_k.any() and (engine.top_p == 1).all()
 
 
+def test_after_warm_up_no_request_compiles_anything():
+    model = random_model("gpt2")
+    engine = Engine(model, 4)
+    engine.warm_up()
+    compiled = (engine._prefill._cache_size(), engine._decode._cache_size())  # programs jax has traced
+    mixed = [Sampling(max_new_tokens=n, temperature=t, top_k=k, seed=n) for n, t, k in
+             [(3, 0.0, 0), (20, 1.0, 5), (1, 0.0, 0), (9, 0.7, 0), (12, 0.0, 0), (2, 1.0, 0)]]
+    prompts = [p * r for p, r in zip(PROMPTS * 2, [1, 3, 1, 1, 2, 1])]
+    generate(model, prompts, mixed, slots=4)
+    assert (engine._prefill._cache_size(), engine._decode._cache_size()) == compiled
+
+
 def test_sampling_keeps_exactly_the_top_k_and_top_p_tokens_with_their_probabilities():
     probs = np.array([0.05, 0.5, 0.15, 0.3])
     logits = jnp.asarray(np.log(probs), jnp.float32)[None].repeat(4000, 0)

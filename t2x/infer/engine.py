@@ -103,8 +103,12 @@ def buckets(context: int) -> list[int]:
 
 
 @functools.cache
-def _programs(cfg: ModelConfig):
-    """The jitted prefill and decode of a model config, shared by every engine of it."""
+def _programs(cfg: ModelConfig, cache_sharding: jax.sharding.NamedSharding):
+    """The jitted prefill and decode of a model config, shared by every engine of it.
+
+    Both return the cache laid out as ``cache_sharding`` (``init_cache``'s), so the next
+    call's inputs match what was compiled (a layout spelled otherwise would recompile).
+    """
     module = build_model(cfg)
 
     def prefill(params, cache, rows, tokens, lengths, temperature, top_k, top_p, seeds):
@@ -123,7 +127,9 @@ def _programs(cfg: ModelConfig):
                                      window=window)
         return cache, sample(logits[:, 0], temperature, top_k, top_p, seeds, counts)
 
-    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1, static_argnames="window")
+    out = ({"k": cache_sharding, "v": cache_sharding}, None)
+    return (jax.jit(prefill, donate_argnums=1, out_shardings=out),
+            jax.jit(decode, donate_argnums=1, static_argnames="window", out_shardings=out))
 
 
 class Engine:
@@ -147,7 +153,7 @@ class Engine:
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
         self.seeds = np.zeros(slots, np.uint32)
-        self._prefill, self._decode = _programs(model.cfg.model)
+        self._prefill, self._decode = _programs(model.cfg.model, model.cache_sharding(slots, self.context))
 
     # Requests.
 
@@ -222,13 +228,13 @@ class Engine:
         """Compile every program a request can need: the prefill of each number of prompts
         (``prefill_sizes``) at each bucket length, and the decode step at each window (the
         same lengths). Call it before adding requests: it writes into the cache."""
+        idle = np.zeros(self.slots, np.int32)
         with sharding_context(self.model.mesh):
             for n in self.buckets:
                 for k in prefill_sizes(self.slots):
                     rows, ones = np.arange(k, dtype=np.int32), np.ones(k, np.int32)
                     self.cache, _ = self._prefill(self.model.params, self.cache, rows, np.zeros((k, n), np.int32), ones,
                                                   self.temperature[:k], self.top_k[:k], self.top_p[:k], self.seeds[:k])
-                idle = np.zeros(self.slots, np.int32)
                 self.cache, _ = self._decode(self.model.params, self.cache, idle, idle, self.temperature, self.top_k,
                                              self.top_p, self.seeds, idle, window=n)
         jax.block_until_ready(self.cache)

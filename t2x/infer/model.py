@@ -52,11 +52,17 @@ class InferenceModel:
         dtype, sharded by batch and kv heads."""
         m = self.cfg.model
         shape = (m.num_layers, batch, length, m.kv_heads, m.head_size)
+        zeros = jax.jit(lambda: jnp.zeros(shape, compute_dtype(m)), out_shardings=self.cache_sharding(batch, length))
+        return {"k": zeros(), "v": zeros()}
+
+    def cache_sharding(self, batch: int, length: int) -> jax.sharding.NamedSharding:
+        """How a KV cache of ``batch`` rows and ``length`` slots is laid out: by batch and
+        kv heads."""
+        m = self.cfg.model
+        shape = (m.num_layers, batch, length, m.kv_heads, m.head_size)
         abstract = jax.ShapeDtypeStruct(shape, compute_dtype(m))
         with sharding_context(self.mesh):
-            sharding = logical_to_shardings(jax.sharding.PartitionSpec(*CACHE_AXES), abstract, self.mesh)
-        zeros = jax.jit(lambda: jnp.zeros(shape, compute_dtype(m)), out_shardings=sharding)
-        return {"k": zeros(), "v": zeros()}
+            return logical_to_shardings(jax.sharding.PartitionSpec(*CACHE_AXES), abstract, self.mesh)
 
 
 def mesh_overrides(overrides: Sequence[str]) -> MeshConfig:

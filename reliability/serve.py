@@ -620,6 +620,10 @@ def section(args, command: str, load: LoadResult, checked: int, wrong: list, ben
         *[f"| {a.name} | {len(a.answers) if a.answers else '-'} | {a.refused} | {'served' if a.served_after else 'FAILED'} "
           f"| {a.detail} |" for a in attacks],
         "",
+        "Slow clients are not cut off: uvicorn has no timeout for a request's headers, so each holds a socket (and a",
+        "file descriptor) for as long as it keeps sending; the other clients are served meanwhile. In front of an",
+        "untrusted network, put the server behind a proxy that enforces header timeouts.",
+        "",
         f"**Memory** (the server's RSS, sampled every 0.2 s): {rss[0][1] / 1024:.0f} MiB after compiling, peak "
         + ", ".join(f"{k / 1024:.0f} MiB during {p}" for p, k in peak.items())
         + f", {rss[-1][1] / 1024:.0f} MiB at the end.",

@@ -154,3 +154,14 @@ def test_the_worker_outlives_a_request_it_cannot_run(server):
     worker.stop()
     assert isinstance(failed, OverflowError)
     assert answered["tokens"] == generate(model, ["a"], Sampling(max_new_tokens=2))[0].tokens
+
+
+def test_the_servers_warm_up_compiles_every_decoding_program(server):
+    model, _ = server
+    worker = Worker(model, LIMITS)
+    worker.warm_up()
+    engine = worker.engine
+    compiled = (engine._prefill._cache_size(), engine._decode._cache_size())  # programs jax has traced
+    prompts = [p * r for p, r in zip(PROMPTS * 2, [1, 2, 5, 1, 4, 1, 1, 1])]
+    generate(model, prompts, [Sampling(max_new_tokens=n, temperature=n % 2) for n in range(3, 11)], slots=LIMITS.slots)
+    assert (engine._prefill._cache_size(), engine._decode._cache_size()) == compiled

@@ -126,15 +126,9 @@ class Worker:
         self.thread.join(timeout=30)
 
     def warm_up(self) -> None:
-        """Compile every shape a request can need: each prefill bucket, the decode step,
+        """Compile every shape a request can need: prefill and decode (``Engine.warm_up``),
         and each score and embed bucket."""
-        for bucket in self.engine.buckets:
-            request = self.engine.encode("", Sampling(max_new_tokens=1))
-            request.ids = request.ids + [request.ids[0]] * (min(bucket, self.model.context - 1) - len(request.ids))
-            self.engine.add(request)
-        self.engine.step()  # the decode step's shape does not depend on what the slots hold
-        for slot in range(self.engine.slots):
-            self.engine.release(slot)
+        self.engine.warm_up()
         text = "x"
         while True:
             self.scorer.score([text])

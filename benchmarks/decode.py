@@ -47,8 +47,7 @@ def t2x_decode(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
         r.ids = list(prompt)
         requests.append(r)
     start = time.perf_counter()
-    for r in requests:
-        engine.add(r)
+    engine.add_many(requests)  # prefilled together, as generate and the server do
     first = time.perf_counter()
     while engine.busy():
         engine.step()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from t2x.config import ConfigError, ModelConfig, load_config
-from t2x.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, TokenizerError, from_files
+from t2x.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Tokenizer, TokenizerError, from_files
 from t2x.export import DTYPES, Exported, ExportError, cast, check_dtype, layers, stacked, staged_directory, write_export
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
@@ -248,9 +248,9 @@ def sentencepiece_to_hf(proto: bytes) -> bytes:
     return tokenizer.to_str().encode()
 
 
-def _hf_tokenizer_files(files: dict[str, bytes]) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json for ``AutoTokenizer``."""
-    tokenizer = from_files(files, "export")
+def _hf_tokenizer_files(files: dict[str, bytes], tokenizer: Tokenizer) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json for ``AutoTokenizer`` (``tokenizer`` is
+    what ``files`` make)."""
     tokenizer_json = files.get(HF_FILE) or sentencepiece_to_hf(files[SENTENCEPIECE_FILE])
     config = json.loads(files[HF_CONFIG_FILE]) if HF_CONFIG_FILE in files else {}
     piece = _id_to_token(tokenizer_json)
@@ -286,8 +286,8 @@ def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     m = exported.cfg.model
     arch = architecture(m)
     try:
-        tokenizer_files = _hf_tokenizer_files(exported.tokenizer_files)
         tokenizer = from_files(exported.tokenizer_files, "export")
+        tokenizer_files = _hf_tokenizer_files(exported.tokenizer_files, tokenizer)
     except TokenizerError as e:
         raise ExportError(f"--format hf: {e}") from None
     params = cast(exported.params, dtype)

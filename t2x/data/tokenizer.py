@@ -123,7 +123,6 @@ class SentencePieceTokenizer(Tokenizer):
             self.processor = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:
             raise TokenizerError(f"tokenizer {source} is not a SentencePiece model ({e})") from None
-        self.model_proto = model_proto
         self.files = {SENTENCEPIECE_FILE: model_proto}
         self.source = source
         self.eos_id = self.processor.eos_id()

@@ -4,9 +4,10 @@ The engine owns a fixed number of decode slots, each a row of one preallocated K
 [layers, slots, context, kv_heads, head_dim]. ``add_many`` prefills prompts together,
 each into a free slot (padded on the right to a bucket length, and their count to a
 power of two, so only a few prefill shapes ever compile), and samples their first
-tokens; ``step`` decodes one token for every busy slot at once. A request that finishes frees its slot at once, and the next ``add`` fills it while
-the others keep decoding: that is continuous batching, for ``generate`` below and for the
-HTTP server alike.
+tokens; ``step`` decodes one token for every busy slot at once. A request that finishes
+frees its slot at once, and the next ``add_many`` fills it while the others keep
+decoding: that is continuous batching, for ``generate`` below and for the HTTP server
+alike.
 
 A row's cache slot p holds the keys and values of its token at position p; a query at
 position p reads slots 0..p. Nothing is recomputed, and padding never enters a result.
@@ -83,23 +84,23 @@ def bucket(n: int, context: int) -> int:
     return next(b for b in buckets(context) if b >= n)
 
 
-def prefill_sizes(slots: int) -> list[int]:
-    """Prompts prefilled together are padded to one of these counts: powers of two below
-    ``slots``, and ``slots``."""
-    out, n = [], 1
-    while n < slots:
+def _doubling(first: int, last: int) -> list[int]:
+    """first, 2 * first, 4 * first, ... below ``last``, and ``last``."""
+    out, n = [], first
+    while n < last:
         out.append(n)
         n *= 2
-    return [*out, slots]
+    return [*out, last]
+
+
+def prefill_sizes(slots: int) -> list[int]:
+    """Prompts prefilled together are padded to one of these counts."""
+    return _doubling(1, slots)
 
 
 def buckets(context: int) -> list[int]:
     """Padded lengths: powers of two from 16, and the context itself."""
-    out, n = [], MIN_BUCKET
-    while n < context:
-        out.append(n)
-        n *= 2
-    return [*out, context]
+    return _doubling(MIN_BUCKET, context)
 
 
 @functools.cache
@@ -256,16 +257,12 @@ class Engine:
         self.tokens[slot] = token
         if request.finish_reason is None:
             return False
-        self._free(slot)
+        self.release(slot)
         return True
 
     def release(self, slot: int) -> None:
-        """Free a slot whose request was abandoned (its client went away)."""
-        self._free(slot)
-
-    def _free(self, slot: int) -> None:
-        """Free a slot and make it greedy again: while any row samples, every decode
-        step takes the (slower) sampling path."""
+        """Free a slot (its request finished, or its client went away) and make it greedy
+        again: while any row samples, every decode step takes the (slower) sampling path."""
         self.requests[slot] = None
         self.temperature[slot], self.top_k[slot], self.top_p[slot], self.seeds[slot] = 0.0, 0, 1.0, 0
 

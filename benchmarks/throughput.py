@@ -23,6 +23,7 @@ import numpy as np
 from t2x.config import load_config
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.models import build_model
+from t2x.objectives import causal_lm
 from t2x.parallel import host_to_global, make_mesh, process_rows, sharding_context
 from t2x.models import count_params
 from t2x.train.state import init_state, make_optimizer, state_shardings
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     with sharding_context(mesh):
         _, shardings = state_shardings(model, tx, mesh, seq_len)
         state = init_state(model, tx, shardings, cfg.train.seed, seq_len)
-        step = jit_train_step(make_train_step(model, tx, schedule, cfg, bos_id=2), shardings, mesh)
+        step = jit_train_step(make_train_step(model, tx, schedule, cfg, lambda b, rng: causal_lm(b, bos_id=2)), shardings, mesh)
         local_rows = len(process_rows(mesh, batch_size))
 
         def batch():

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError
 from t2x.data.tokenizer import Tokenizer, TokenizerError, from_files, load_tokenizer, pack, unpack
+from t2x.families import family
 from t2x.models import build_model
 from t2x.parallel import make_mesh
 
@@ -69,9 +70,12 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
                 f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']})"
             )
     tokenizer = shared_tokenizer(tokenizer_spec or cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    reserved = family(cfg.model.family).reserved_ids(tokenizer)
+    needed = max([tokenizer.vocab_size - 1, *reserved]) + 1
+    if needed > cfg.model.vocab_size:
+        extra = f" and the {cfg.model.family}'s {len(reserved)} reserved token(s) after them" if reserved else ""
         raise ConfigError(
-            f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but model.vocab_size is "
-            f"{cfg.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer"
+            f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces{extra} but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {needed} or use a smaller tokenizer"
         )
     return Components(cfg, mesh, tokenizer, build_model(cfg.model))

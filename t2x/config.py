@@ -31,9 +31,13 @@ def _one_of(key: str, value: str, choices: Sequence[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only Transformer."""
+    """Shape and numerics of a Transformer of one family.
 
-    family: str = "decoder"
+    ``family`` picks the model and objective (``t2x.families``): ``decoder`` (GPT-style,
+    causal LM) or ``encoder`` (BERT-style, masked LM).
+    """
+
+    family: str = "decoder"  # decoder | encoder
     vocab_size: int = 50304
     d_model: int = 768
     num_layers: int = 12
@@ -46,7 +50,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, Llama) | post: norm(x + f(x)) (BERT)
+    embed_norm: bool = False  # normalize the summed embeddings (BERT)
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none (BERT: 2)
     use_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -57,10 +64,12 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch
 
     def __post_init__(self):
-        _one_of("model.family", self.family, ["decoder"])
+        _one_of("model.family", self.family, ["decoder", "encoder"])
         _one_of("model.position", self.position, ["learned", "rope"])
         _one_of("model.norm", self.norm, ["layernorm", "rmsnorm"])
-        _one_of("model.mlp", self.mlp, ["gelu", "swiglu"])
+        _one_of("model.mlp", self.mlp, ["gelu", "gelu_exact", "swiglu"])
+        _one_of("model.norm_position", self.norm_position, ["pre", "post"])
+        _require(self.type_vocab_size >= 0, f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
         _one_of("model.dtype", self.dtype, ["float32", "bfloat16"])
         _one_of("model.attention", self.attention, ["auto", "xla", "cudnn"])
         _one_of("model.remat", self.remat, ["none", "full", "dots", "dots_no_batch"])
@@ -278,14 +287,37 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Settings of the family's training objective (masked LM for encoders)."""
+
+    mask_rate: float = 0.15  # masked LM: share of a row's text tokens chosen for prediction
+    mask_token_rate: float = 0.8  # of the chosen: replaced by the mask token
+    random_token_rate: float = 0.1  # of the chosen: replaced by a random token (the rest stay)
+    whole_word_masking: bool = False  # choose whole words (every piece of a word, or none)
+    eval_seed: int = 0  # masks of held-out evaluation: the same for every evaluation
+
+    def __post_init__(self):
+        _require(0.0 < self.mask_rate < 1.0, f"objective.mask_rate must be in (0, 1), got {self.mask_rate}")
+        for key in ("mask_token_rate", "random_token_rate"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"objective.{key} must be in [0, 1], got {getattr(self, key)}")
+        _require(
+            self.mask_token_rate + self.random_token_rate <= 1.0,
+            "objective.mask_token_rate + objective.random_token_rate must be at most 1 "
+            f"(got {self.mask_token_rate} + {self.random_token_rate})",
+        )
+        _require(self.eval_seed >= 0, f"objective.eval_seed must be >= 0, got {self.eval_seed}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """One run: model, data, mesh and processes, optimizer, loop, checkpoints and evaluation."""
+    """One run: model, data, mesh and processes, objective, optimizer, loop, checkpoints and evaluation."""
 
     name: str = "run"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -313,6 +345,12 @@ class Config:
                 self.data.seq_len <= self.model.max_seq_len,
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) "
                 "for learned positions",
+            )
+        if self.model.family == "encoder":
+            _require(
+                self.data.seq_len >= 4,
+                f"data.seq_len ({self.data.seq_len}) is too short to mask: an encoder row holds BOS, text and "
+                "EOS, and needs at least 4 tokens",
             )
 
     @property

@@ -10,14 +10,12 @@ models with different tokenizers compare. Sums are accumulated in float64 on the
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -26,46 +24,25 @@ from t2x.data.pipeline import check_data, data_errors, eval_dataset
 from t2x.data.reader import PROBLEMS, DataError, DataStats
 from t2x.data.sources import Source
 from t2x.data.tokenizer import Tokenizer
-from t2x.objectives import causal_lm, token_losses
+from t2x.families import family
 from t2x.parallel import batch_sharding, host_to_global, process_rows, replicated
 from t2x.parallel.distributed import any_process, sum_over_processes
 
 log = logging.getLogger(__name__)
 
 
-def summarize(nll_sum: float, tokens: int, num_bytes: int) -> dict[str, float | int | None]:
-    """Loss, perplexity and bits per byte from summed NLL (nats), target tokens and bytes.
+def make_eval_step(model: nn.Module, cfg: Config, tokenizer: Tokenizer) -> Callable[[dict, dict, jax.Array], dict]:
+    """``step(params, batch, index) -> sums`` over the batch, the family's eval sums
+    (``Family.eval_sums``). The objective's draws (masks) come from
+    ``objective.eval_seed`` and the batch's index, so every evaluation draws the same."""
+    fam = family(cfg.model.family)
+    objective, batch_sums = fam.objective(cfg, tokenizer), fam.eval_sums(cfg, tokenizer)
+    key = jax.random.key(cfg.objective.eval_seed)
 
-    ``perplexity`` is None when it overflows a float; ``bits_per_byte`` is None when the
-    scored tokens stand for no bytes.
-    """
-    loss = nll_sum / tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else None,
-        "bits_per_byte": nll_sum / (math.log(2) * num_bytes) if num_bytes else None,
-        "tokens": int(tokens),
-        "bytes": int(num_bytes),
-    }
-
-
-def make_eval_step(model: nn.Module, bos_id: int, eos_id: int) -> Callable[[dict, dict], dict]:
-    """``step(params, batch) -> sums`` over the batch: NLL (float32), and the integer counts
-    of target tokens, bytes of text they stand for, and documents (EOS targets)."""
-
-    def step(params, batch):
-        example = causal_lm(batch, bos_id)
-        logits = model.apply(
-            {"params": params}, example["inputs"], example["positions"], example["segment_ids"], deterministic=True
-        )
-        nll, _ = token_losses(logits, example["targets"])
-        real = batch["segment_ids"] > 0
-        return {
-            "nll_sum": jnp.sum(nll * example["weights"]),
-            "tokens": jnp.sum(real, dtype=jnp.int32),
-            "bytes": jnp.sum(batch["num_bytes"]),
-            "documents": jnp.sum(real & (example["targets"] == eos_id), dtype=jnp.int32),
-        }
+    def step(params, batch, index):
+        example = objective(batch, jax.random.fold_in(key, index))
+        logits = model.apply({"params": params}, **example["model"], deterministic=True)
+        return batch_sums(logits, example, batch)
 
     return step
 
@@ -88,6 +65,7 @@ class Evaluator:
         self.mesh = mesh
         self.batch_size = cfg.eval_batch_size
         self.max_batches = cfg.eval.max_batches
+        self.summarize = family(cfg.model.family).summarize
         self.source = Source(cfg.data, "eval")
         check_data(self.source, cfg.data, every_shard=False)
         self.stats = DataStats(strict=cfg.data.strict)
@@ -99,16 +77,17 @@ class Evaluator:
             process_rows(mesh, self.batch_size),
             self.stats,
             cache=self.max_batches is None,
+            row_format=family(cfg.model.family).rows,
         )
         self.step = jax.jit(
-            make_eval_step(model, tokenizer.bos_id, tokenizer.eos_id),
-            in_shardings=(param_shardings, batch_sharding(mesh)),
+            make_eval_step(model, cfg, tokenizer),
+            in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
             out_shardings=replicated(mesh),
         )
 
     def __call__(self, params: Any) -> dict[str, Any]:
-        """Loss, perplexity, bits per byte, tokens, bytes, documents, the input problems met
-        and batches, over the split (or ``max_batches``)."""
+        """The family's metrics (decoders: loss, perplexity, bits per byte, tokens, bytes,
+        documents), the input problems met and batches, over the split (or ``max_batches``)."""
         if self.max_batches is not None:  # uncached: count this evaluation's reading alone
             self.stats.reset()
         sums = []
@@ -118,21 +97,15 @@ class Evaluator:
                     break
                 if not any_process(bool(local["segment_ids"].any())):
                     break
-                sums.append(self.step(params, host_to_global(local, self.mesh, self.batch_size)))
-        nll_sum, counts = 0.0, {"tokens": 0, "bytes": 0, "documents": 0}
-        for batch_sums in jax.device_get(sums):
-            nll_sum += float(batch_sums["nll_sum"])
-            for k in counts:
-                counts[k] += int(batch_sums[k])
-        if counts["tokens"] == 0:
+                sums.append(self.step(params, host_to_global(local, self.mesh, self.batch_size), np.int32(i)))
+        totals: dict[str, float | int] = {}
+        for batch_sums in jax.device_get(sums):  # float64 and Python ints on the host
+            for k, v in batch_sums.items():
+                totals[k] = totals.get(k, 0) + (float(v) if np.issubdtype(v.dtype, np.floating) else int(v))
+        if not totals.get("tokens"):
             raise DataError(f"{self.source.description} has no documents to evaluate")
         read = sum_over_processes(self.stats.as_dict())
-        return {
-            **summarize(nll_sum, counts["tokens"], counts["bytes"]),
-            "documents": counts["documents"],  # documents whose last token was evaluated
-            **{k: read[k] for k in PROBLEMS},
-            "batches": len(sums),
-        }
+        return {**self.summarize(totals), **{k: read[k] for k in PROBLEMS}, "batches": len(sums)}
 
 
 def evaluate_checkpoint(cfg: Config, run_dir, step: int | None = None, devices=None) -> dict[str, Any]:

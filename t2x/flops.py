@@ -24,22 +24,27 @@ PEAK_FLOPS = (
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in matmuls: every block's projections plus the unembedding."""
+    """Weights that take part in matmuls: every block's projections plus the unembedding
+    (and an encoder's masked-LM transform)."""
     d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
     attention = d * (heads + 2 * kv) * hd + heads * hd * d
     mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
-    return cfg.num_layers * (attention + mlp) + d * cfg.vocab_size
+    head = d * d if cfg.family == "encoder" else 0
+    return cfg.num_layers * (attention + mlp) + head + d * cfg.vocab_size
 
 
-def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool = True) -> float:
+def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) over a global batch.
 
     Args:
       cfg: model shape.
       batch_size: sequences in the global batch.
       seq_len: tokens per sequence.
-      causal: count attention scores at half, as only the lower triangle is needed.
+      causal: count attention scores at half, as only the lower triangle is needed
+        (default: for decoders).
     """
+    if causal is None:
+        causal = cfg.family == "decoder"
     tokens = batch_size * seq_len
     dense = 2 * tokens * matmul_params(cfg)
     attention = 4 * batch_size * seq_len**2 * cfg.num_heads * cfg.head_size * cfg.num_layers

@@ -1,4 +1,4 @@
-"""Training objectives: packed batches -> (inputs, targets, weights), and the loss.
+"""Training objectives: packed batches -> (model inputs, targets, weights), and the loss.
 
 A packed batch holds ``tokens`` [batch, seq] (documents followed by EOS, padded with 0),
 ``segment_ids`` (1, 2, ... per document in the row; 0 is padding) and ``positions``
@@ -7,9 +7,14 @@ A packed batch holds ``tokens`` [batch, seq] (documents followed by EOS, padded 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from t2x.config import ObjectiveConfig
 
 
 def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
@@ -23,17 +28,16 @@ def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
       bos_id: token fed as input at the start of every document piece.
 
     Returns:
-      dict with ``inputs``, ``targets``, ``weights`` (float32), ``positions``, ``segment_ids``.
+      dict with ``model`` (keyword inputs of the decoder: ``tokens``, ``positions``,
+      ``segment_ids``), ``targets`` and ``weights`` (float32).
     """
     tokens = batch["tokens"]
     previous = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
     inputs = jnp.where(batch["positions"] == 0, bos_id, previous)
     return {
-        "inputs": inputs,
+        "model": {"tokens": inputs, "positions": batch["positions"], "segment_ids": batch["segment_ids"]},
         "targets": tokens,
         "weights": (batch["segment_ids"] > 0).astype(jnp.float32),
-        "positions": batch["positions"],
-        "segment_ids": batch["segment_ids"],
     }
 
 
@@ -43,3 +47,58 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     return nll, log_z
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingTokens:
+    """The token ids masked-LM input corruption needs.
+
+    ``mask``: the mask token; ``vocab``: random replacements are drawn from ids below it
+    (the tokenizer's own); ``keep``: ids never chosen for prediction (BOS, EOS);
+    ``word_starts``: bool [model vocab], whether a piece begins a word (whole-word masking).
+    """
+
+    mask: int
+    vocab: int
+    keep: tuple[int, ...]
+    word_starts: np.ndarray | None = None
+
+
+def masked_lm(batch: dict[str, jax.Array], tokens: MaskingTokens, cfg: ObjectiveConfig, rng: jax.Array) -> dict[str, jax.Array]:
+    """BERT's masked-LM corruption of packed rows.
+
+    Each text token of a row (not padding, BOS or EOS) is chosen with probability
+    ``cfg.mask_rate`` (with ``cfg.whole_word_masking``, each word is, and a chosen word's
+    pieces all are); a chosen token becomes the mask token with probability
+    ``cfg.mask_token_rate``, a random token with ``cfg.random_token_rate``, and stays
+    otherwise. The draws come from ``rng`` alone, with shapes of the global batch, so
+    they do not depend on how the batch is sharded.
+
+    Returns:
+      dict with ``model`` (keyword inputs of the encoder), ``targets`` (the original
+      tokens) and ``weights`` (1.0 at chosen positions, float32).
+    """
+    ids = batch["tokens"]
+    choose_key, kind_key, random_key = jax.random.split(rng, 3)
+    draw = jax.random.uniform(choose_key, ids.shape)
+    if cfg.whole_word_masking:
+        # Every piece takes the draw of the piece that starts its word; a document piece
+        # always starts a word, so words never cross documents.
+        starts = jnp.asarray(tokens.word_starts)[ids] | (batch["positions"] == 0)
+        columns = jnp.arange(ids.shape[1])
+        start_column = jax.lax.cummax(jnp.where(starts, columns, 0), axis=1)
+        draw = jnp.take_along_axis(draw, start_column, axis=1)
+    maskable = batch["segment_ids"] > 0
+    for special in tokens.keep:
+        maskable &= ids != special
+    chosen = maskable & (draw < cfg.mask_rate)
+    kind = jax.random.uniform(kind_key, ids.shape)
+    random_ids = jax.random.randint(random_key, ids.shape, 0, tokens.vocab, dtype=ids.dtype)
+    corrupted = jnp.where(kind < cfg.mask_token_rate, tokens.mask,
+                          jnp.where(kind < cfg.mask_token_rate + cfg.random_token_rate, random_ids, ids))
+    return {
+        "model": {"tokens": jnp.where(chosen, corrupted, ids), "positions": batch["positions"],
+                  "segment_ids": batch["segment_ids"]},
+        "targets": ids,
+        "weights": chosen.astype(jnp.float32),
+    }

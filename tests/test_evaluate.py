@@ -10,7 +10,8 @@ import pytest
 import reference
 from conftest import tiny_config
 from t2x.components import build
-from t2x.evaluate import Evaluator, summarize
+from t2x.evaluate import Evaluator
+from t2x.families import language_model_summary as summarize
 from t2x.parallel import sharding_context
 from t2x.train.state import init_state, make_optimizer, state_shardings
 

@@ -11,6 +11,7 @@ import reference
 from conftest import restored, tiny_config
 from t2x.checkpoint import CheckpointError, Checkpointer
 from t2x.components import build
+from t2x.families import family
 from t2x.objectives import causal_lm
 from t2x.parallel import sharding_context
 from t2x.train.loop import NonFiniteError, train
@@ -63,7 +64,7 @@ def _one_step(cfg, batch):
     with sharding_context(c.mesh):
         _, shardings = state_shardings(c.model, tx, c.mesh, cfg.data.seq_len)
         state = init_state(c.model, tx, shardings, cfg.train.seed, cfg.data.seq_len)
-        step = jax.jit(make_train_step(c.model, tx, schedule, cfg, c.tokenizer.bos_id))
+        step = jax.jit(make_train_step(c.model, tx, schedule, cfg, family(cfg.model.family).objective(cfg, c.tokenizer)))
         new_state, metrics = step(state, batch)
     return c, state, new_state, jax.device_get(metrics)
 
@@ -102,11 +103,11 @@ def test_z_loss_metric_and_gradient_match_a_float64_reference(tmp_path):
     batch = _batch(seed=1)
     c, state, _, metrics = _one_step(tiny_config(tmp_path, "train.z_loss=0.5"), batch)
     example = causal_lm(batch, c.tokenizer.bos_id)
-    ex = {k: np.asarray(v) for k, v in example.items()}
+    ex = {k: np.asarray(v) for k, v in {**example.pop("model"), **example}.items()}
     weights = ex["weights"]
 
     def objective64(params):  # mean NLL + 0.5 x mean log(Z)^2, in float64 NumPy
-        logits = reference.forward(params, c.cfg.model, ex["inputs"], ex["positions"], ex["segment_ids"])
+        logits = reference.forward(params, c.cfg.model, ex["tokens"], ex["positions"], ex["segment_ids"])
         log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll = log_z - np.take_along_axis(logits, ex["targets"][..., None], -1)[..., 0]
         return ((nll + 0.5 * log_z**2) * weights).sum() / weights.sum(), (log_z**2 * weights).sum() / weights.sum()

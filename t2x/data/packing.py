@@ -9,6 +9,9 @@ segment ids keep every piece to itself.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -61,3 +64,34 @@ def pack_documents(
         "positions": positions,
         "num_bytes": row_bytes.astype(np.int32),
     }
+
+
+TEXT_FEATURES = ("tokens", "segment_ids", "positions", "num_bytes")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFormat:
+    """How a family's tokenized documents become rows (``t2x.families``).
+
+    Attributes:
+      features: names of the row features ``pack`` returns; each is int32 [seq_len],
+        except ``num_bytes`` (int32 per row). ``segment_ids`` is 0 on padding.
+      pack: ``(documents, token_bytes, seq_len, tokenizer) -> rows`` (one array per
+        feature), for the documents of one block; arguments as ``pack_documents``.
+    """
+
+    features: tuple[str, ...]
+    pack: Callable[..., dict[str, np.ndarray]]
+
+
+def _documents(documents, token_bytes, seq_len: int, tokenizer) -> dict[str, np.ndarray]:
+    return pack_documents(documents, token_bytes, seq_len, tokenizer.eos_id)
+
+
+def _bos_documents(documents, token_bytes, seq_len: int, tokenizer) -> dict[str, np.ndarray]:
+    return pack_documents([[tokenizer.bos_id, *d] for d in documents],
+                          [np.concatenate([[0], b]) for b in token_bytes], seq_len, tokenizer.eos_id)
+
+
+DOCUMENTS = RowFormat(TEXT_FEATURES, _documents)  # text EOS (decoders: BOS comes from the objective)
+BOS_DOCUMENTS = RowFormat(TEXT_FEATURES, _bos_documents)  # BOS text EOS (encoders: [CLS] text [SEP])

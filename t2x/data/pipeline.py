@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from t2x.config import DataConfig
-from t2x.data.packing import pack_documents
+from t2x.data.packing import DOCUMENTS, RowFormat
 from t2x.data.reader import DataError, DataStats
 from t2x.data.sources import Source, decode_records
 from t2x.data.tokenizer import Tokenizer
@@ -41,7 +41,6 @@ except (RuntimeError, ValueError):
 
 log = logging.getLogger(__name__)
 
-ROW_FEATURES = ("tokens", "segment_ids", "positions", "num_bytes")
 _META = "meta"  # per row: epoch, block, row within block, rows in block
 _EPOCH, _BLOCK = "epoch", "block"  # per packed block, before rows are split out
 _ENDLESS = 1 << 62
@@ -96,13 +95,14 @@ def data_errors(stats: DataStats):
         raise
 
 
-def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: int, seed: int, shuffle: bool, stats):
+def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: int, seed: int, shuffle: bool,
+                  stats, row_format: RowFormat):
     def pack_block(records, separators, epoch, block):
         texts, separators = decode_records(
             list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
         )
         documents = tokenizer.encode(texts)
-        rows = pack_documents(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer.eos_id)
+        rows = row_format.pack(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer)
         count = len(rows["num_bytes"])
         if shuffle and count > 1:
             order = np.random.default_rng([seed, shard, int(epoch), int(block)]).permutation(count)
@@ -110,7 +110,7 @@ def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: 
         meta = np.stack(
             [np.full(count, epoch), np.full(count, block), np.arange(count), np.full(count, count)], axis=1
         ).astype(np.int64)
-        return tuple(rows[k] for k in ROW_FEATURES) + (meta,)
+        return tuple(rows[k] for k in row_format.features) + (meta,)
 
     return pack_block
 
@@ -124,15 +124,16 @@ def shard_rows(
     start: ShardPosition,
     train: bool,
     stats: DataStats,
+    row_format: RowFormat = DOCUMENTS,
 ) -> tf.data.Dataset:
-    """The packed rows of one logical shard, from ``start`` on.
+    """The packed rows of one logical shard, from ``start`` on, with ``row_format``'s features.
 
     Training streams repeat forever, reshuffled each epoch; evaluation streams make one
     pass in file order.
     """
     shuffle = train and cfg.shuffle
     read = source.shard_fn(shard, cfg.num_shards, seed, shuffle_files=shuffle, stats=stats)
-    packer = _block_packer(tokenizer, cfg, source, shard, seed, shuffle, stats)
+    packer = _block_packer(tokenizer, cfg, source, shard, seed, shuffle, stats, row_format)
     seq_len = cfg.seq_len
 
     def epoch_blocks(epoch):
@@ -150,16 +151,14 @@ def shard_rows(
         return blocks.concatenate(tf.data.Dataset.from_tensors(end))
 
     def pack(epoch, block, records, separators):
-        outputs = tf.numpy_function(
-            packer, [records, separators, epoch, block], [tf.int32] * 4 + [tf.int64], stateful=False
+        *features, meta = tf.numpy_function(
+            packer, [records, separators, epoch, block], [tf.int32] * len(row_format.features) + [tf.int64], stateful=False
         )
-        tokens, segment_ids, positions, num_bytes, meta = outputs
-        for x in (tokens, segment_ids, positions):
-            x.set_shape([None, seq_len])
-        num_bytes.set_shape([None])
+        rows = dict(zip(row_format.features, features))
+        for name, x in rows.items():
+            x.set_shape([None] if name == "num_bytes" else [None, seq_len])
         meta.set_shape([None, 4])
-        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "num_bytes": num_bytes,
-                _META: meta, _EPOCH: epoch, _BLOCK: block}
+        return {**rows, _META: meta, _EPOCH: epoch, _BLOCK: block}
 
     epochs = tf.data.Dataset.range(start.epoch, _ENDLESS) if train else tf.data.Dataset.range(1)
     rows = epochs.flat_map(epoch_blocks).map(pack, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -292,6 +291,7 @@ class TrainBatches:
       seed: run seed (shuffling).
       rows: the rows of the global batch this process holds (``process_rows``).
       positions: where each logical shard resumes (shard id -> position); absent: start.
+      row_format: the family's row features (``t2x.families``).
     """
 
     def __init__(
@@ -303,6 +303,7 @@ class TrainBatches:
         seed: int,
         rows: Sequence[int],
         positions: dict[int, ShardPosition] | None = None,
+        row_format: RowFormat = DOCUMENTS,
     ):
         layout = RowLayout(global_batch_size, cfg.num_shards, rows)
         self.shards = layout.shards
@@ -311,7 +312,7 @@ class TrainBatches:
         positions = positions or {}
         self.positions = {k: positions.get(k, ShardPosition()) for k in self.shards}
         streams = [
-            shard_rows(source, tokenizer, cfg, k, seed, self.positions[k], True, self.stats).batch(
+            shard_rows(source, tokenizer, cfg, k, seed, self.positions[k], True, self.stats, row_format).batch(
                 self.rows_per_shard, drop_remainder=True
             )
             for k in self.shards
@@ -346,23 +347,21 @@ def eval_dataset(
     rows: Sequence[int],
     stats: DataStats,
     cache: bool = True,
+    row_format: RowFormat = DOCUMENTS,
 ) -> tf.data.Dataset:
     """Host-local evaluation batches over the whole split, one pass, then padding forever.
 
     Every document of the split is in exactly one row of one batch. Shards end at
     different steps, so each is followed by all-padding rows (``segment_ids`` 0);
     the caller stops when every process sees only padding. Iterate it inside
-    ``data_errors(stats)``.
+    ``data_errors(stats)``. ``row_format``: the family's row features.
     """
     layout = RowLayout(global_batch_size, cfg.num_shards, rows)
-    zeros = tf.zeros([cfg.seq_len], tf.int32)
-    padding = tf.data.Dataset.from_tensors(
-        {"tokens": zeros, "segment_ids": zeros, "positions": zeros, "num_bytes": tf.constant(0, tf.int32),
-         _META: tf.constant([-1, -1, -1, -1], tf.int64)}
-    ).repeat()
+    padding_row = {name: tf.zeros([] if name == "num_bytes" else [cfg.seq_len], tf.int32) for name in row_format.features}
+    padding = tf.data.Dataset.from_tensors({**padding_row, _META: tf.constant([-1, -1, -1, -1], tf.int64)}).repeat()
     streams = []
     for k in layout.shards:
-        shard = shard_rows(source, tokenizer, cfg, k, 0, ShardPosition(), False, stats)
+        shard = shard_rows(source, tokenizer, cfg, k, 0, ShardPosition(), False, stats, row_format)
         if cache:
             shard = shard.cache()
         streams.append(shard.concatenate(padding).batch(layout.rows_per_shard))

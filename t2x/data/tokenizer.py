@@ -36,6 +36,7 @@ FILES = (SENTENCEPIECE_FILE, HF_FILE, HF_CONFIG_FILE)  # every file a tokenizer 
 # End-of-sequence tokens of common Hugging Face tokenizers, for a tokenizer.json that comes
 # without a tokenizer_config.json naming its own.
 _KNOWN_EOS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[SEP]")
+_KNOWN_MASK = ("[MASK]", "<mask>")
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -52,6 +53,9 @@ MAX_TRAINING_LINES = 2_000_000
 TRAINING_THREADS = 16
 
 
+MASK_PIECE = "<mask>"  # a SentencePiece model's mask token, when it defines one
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be found or used; the message names what to change."""
 
@@ -64,6 +68,7 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     files: dict[str, bytes]  # the files that make it, by name (FILES)
+    mask_id: int | None  # its own mask token (BERT's [MASK]), when it has one
     _piece_bytes: np.ndarray  # UTF-8 bytes of text each id stands for
 
     @property
@@ -86,6 +91,11 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids``; special tokens (BOS, EOS, padding) decode to nothing."""
+        raise NotImplementedError
+
+    def word_starts(self) -> np.ndarray:
+        """bool [vocab_size]: whether each piece begins a word (whole-word masking keeps
+        a word's pieces together). Special pieces count as words of their own."""
         raise NotImplementedError
 
     def token_bytes(self, documents: Sequence[Sequence[int]], texts: Sequence[str], separators: Sequence[int]) -> list[np.ndarray]:
@@ -130,6 +140,8 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"tokenizer {source} defines no EOS piece; t2x ends every document with EOS")
         # Models without BOS (T5's, for one) start documents with EOS, as GPT-2 does.
         self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else self.eos_id
+        mask = self.processor.piece_to_id(MASK_PIECE)
+        self.mask_id = mask if self.processor.id_to_piece(mask) == MASK_PIECE else None
         self._piece_bytes = self._bytes_per_piece()
 
     def _bytes_per_piece(self) -> np.ndarray:
@@ -149,6 +161,14 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
+
+    def word_starts(self) -> np.ndarray:
+        sp = self.processor
+        return np.array([
+            sp.id_to_piece(i).startswith("\u2581") or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+            or (not sp.is_byte(i) and self._piece_bytes[i] == 0)
+            for i in range(sp.get_piece_size())
+        ])
 
 
 class HFTokenizer(Tokenizer):
@@ -179,6 +199,11 @@ class HFTokenizer(Tokenizer):
             self.eos_id = self.backend.token_to_id(known[0])
         bos = self._token_id(config.get("bos_token"), "bos_token")
         self.bos_id = self.eos_id if bos is None else bos  # no BOS: documents start with EOS, as GPT-2's
+        self.mask_id = self._token_id(config.get("mask_token"), "mask_token")
+        if self.mask_id is None:
+            self.mask_id = next((self.backend.token_to_id(t) for t in _KNOWN_MASK if self.backend.token_to_id(t) is not None), None)
+        self._model_type = spec.get("model", {}).get("type")
+        self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self._piece_bytes = self._bytes_per_piece(spec)
 
     def _token_id(self, token, key: str) -> int | None:
@@ -197,7 +222,7 @@ class HFTokenizer(Tokenizer):
     def _bytes_per_piece(self, spec: dict) -> np.ndarray:
         """Byte-level pieces (GPT-2's) one byte per character; SentencePiece-style pieces
         their text with the word-boundary mark as a space, byte pieces 1; special 0."""
-        byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        byte_level = self._byte_level
         size = self.backend.get_vocab_size(with_added_tokens=True)
         sizes = np.zeros(size, np.int64)
         for i in range(size):
@@ -217,6 +242,16 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def word_starts(self) -> np.ndarray:
+        pieces = [self.backend.id_to_token(i) or "" for i in range(self.vocab_size)]
+        if self._model_type == "WordPiece":  # BERT's: continuations start with ##
+            starts = [not p.startswith("##") for p in pieces]
+        elif self._byte_level:  # GPT-2's: a word starts with its space, Ġ
+            starts = [p.startswith("\u0120") for p in pieces]
+        else:  # SentencePiece-style
+            starts = [p.startswith("\u2581") for p in pieces]
+        return np.array(starts) | (self._piece_bytes == 0)
 
 
 def from_files(files: dict[str, bytes], source: str) -> Tokenizer:

@@ -1,4 +1,4 @@
-"""Flax linen models. ``build_model`` picks the family named by the config."""
+"""Flax linen models, one module per family (``t2x.families`` maps a family to its module)."""
 
 from typing import Any
 
@@ -8,13 +8,14 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.decoder import DecoderLM
+from t2x.models.encoder import EncoderMLM
 
 
 def build_model(cfg: ModelConfig):
     """The Flax module for ``cfg.family``."""
-    if cfg.family == "decoder":
-        return DecoderLM(cfg)
-    raise ValueError(f"unknown model.family {cfg.family!r}")
+    from t2x.families import family
+
+    return family(cfg.family).model(cfg)
 
 
 def abstract_params(model: nn.Module, seq_len: int) -> tuple[Any, Any]:
@@ -29,4 +30,4 @@ def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-__all__ = ["DecoderLM", "abstract_params", "build_model", "count_params"]
+__all__ = ["DecoderLM", "EncoderMLM", "abstract_params", "build_model", "count_params"]

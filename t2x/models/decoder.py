@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask, cache_mask
-from t2x.models.layers import compute_dtype, constrain, dense, norm
+from t2x.models.layers import constrain, embedding, norm, output_logits
 from t2x.models.transformer import BlockStack
 
 
@@ -57,26 +57,10 @@ class DecoderLM(nn.Module):
         seq_len = tokens.shape[1]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
-            dtype=compute_dtype(cfg),
-            param_dtype=jnp.float32,
-            name="embed",
-        )
+        embed = embedding(cfg, cfg.vocab_size, ("vocab", "embed"), "embed")
         x = embed(tokens)
         if cfg.position == "learned":
-            x = x + nn.Embed(
-                cfg.max_seq_len,
-                cfg.d_model,
-                embedding_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(cfg.init_std), ("position", "embed")
-                ),
-                dtype=compute_dtype(cfg),
-                param_dtype=jnp.float32,
-                name="pos_embed",
-            )(positions)
+            x = x + embedding(cfg, cfg.max_seq_len, ("position", "embed"), "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         if cache is None:
@@ -90,14 +74,5 @@ class DecoderLM(nn.Module):
             return x if cache is None else (x, cache)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
-        # The output projection multiplies compute-dtype operands but accumulates and
-        # returns float32: logits are never rounded to bfloat16 before the softmax.
-        if cfg.tie_embeddings:
-            table = embed.embedding.astype(x.dtype)  # [vocab, d_model]
-            logits = jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
-        else:
-            logits = dense(
-                cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True, name="lm_head"
-            )(x)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32
+        logits = output_logits(cfg, x, embed)
         return logits if cache is None else (logits, cache)

@@ -94,7 +94,7 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2, tanh approximation) or SwiGLU."""
+    """Position-wise feed-forward: GELU (tanh approximation as GPT-2, or exact as BERT) or SwiGLU."""
 
     cfg: ModelConfig
 
@@ -106,9 +106,37 @@ class MLP(nn.Module):
             up = dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
             h = nn.silu(gate) * up
         else:
-            h = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x), approximate=True)
+            h = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x), approximate=cfg.mlp == "gelu")
         h = constrain(h, ("batch", "length", "act_mlp"))  # [batch, seq, d_ff]
         return dense(cfg, cfg.d_model, ("mlp", "embed"), std=residual_init_std(cfg), name="down")(h)
+
+
+def embedding(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> nn.Embed:
+    """A [num, d_model] embedding table with logical axis names ``axes``."""
+    return nn.Embed(
+        num,
+        cfg.d_model,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes),
+        dtype=compute_dtype(cfg),
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
+    """Vocabulary logits of hidden states ``x`` [batch, seq, d_model]: through the token
+    embedding table (tied) or an ``lm_head`` of the calling module.
+
+    The projection multiplies compute-dtype operands but accumulates and returns float32:
+    logits are never rounded to bfloat16 before the softmax.
+    """
+    if cfg.tie_embeddings:
+        table = embed.embedding.astype(x.dtype)  # [vocab, d_model]
+        logits = jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+    else:
+        logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True,
+                       name="lm_head")(x)
+    return constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

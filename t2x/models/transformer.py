@@ -1,4 +1,4 @@
-"""Pre-norm Transformer blocks, stacked with ``nn.scan`` and wrapped in ``nn.remat``."""
+"""Transformer blocks (pre- or post-norm), stacked with ``nn.scan`` and wrapped in ``nn.remat``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)).
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (``model.norm_position
+    = post``, as BERT and the original Transformer): norm(x + attn(x)), then norm(x + mlp(x)).
 
     With a KV cache (every layer's, stacked), this block is layer ``layer`` of it; see
     ``Attention``. Returns x, or (x, the updated cache) with a cache. Scanned, the carry
@@ -38,12 +39,18 @@ class Block(nn.Module):
         if self.scanned and isinstance(x, tuple):
             x, cache = x
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h = Attention(cfg, self.window, name="attn")(norm(cfg, "attn_norm")(x), positions, mask, cache, layer, rows)
+        post = cfg.norm_position == "post"
+        attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
+        h = Attention(cfg, self.window, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows)
         if cache is not None:
             h, cache = h
         x = x + dropout(h)
-        h = MLP(cfg, name="mlp")(norm(cfg, "mlp_norm")(x))
+        if post:
+            x = attn_norm(x)
+        h = MLP(cfg, name="mlp")(x if post else mlp_norm(x))
         x = x + dropout(h)
+        if post:
+            x = mlp_norm(x)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         out = x if cache is None else (x, cache)
         return (out, None) if self.scanned else out

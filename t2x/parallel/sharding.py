@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters (optimizer state follows its parameter)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("embed_out", None),  # the output side of a [d_model, d_model] matrix (BERT's MLM transform)
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),

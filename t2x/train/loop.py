@@ -20,6 +20,7 @@ from t2x.data.pipeline import TrainBatches, check_data, positions_to_state, stat
 from t2x.data.reader import PROBLEMS
 from t2x.data.sources import Source
 from t2x.evaluate import Evaluator
+from t2x.families import family
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.parallel import host_to_global, process_rows, sharding_context
 from t2x.parallel.distributed import sum_over_processes
@@ -148,10 +149,13 @@ class _Run:
         if self.primary:
             write_run_files(run_dir, cfg, c.tokenizer.files)
         batch_size = cfg.train.global_batch_size
+        fam = family(cfg.model.family)
         self.batches = TrainBatches(
-            self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, process_rows(c.mesh, batch_size), positions
+            self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, process_rows(c.mesh, batch_size), positions,
+            fam.rows,
         )
-        self.train_step = jit_train_step(make_train_step(c.model, self.tx, self.schedule, cfg, c.tokenizer.bos_id),
+        objective = fam.objective(cfg, c.tokenizer)
+        self.train_step = jit_train_step(make_train_step(c.model, self.tx, self.schedule, cfg, objective),
                                          self.shardings, c.mesh)
         self.writer = MetricsWriter(run_dir, enabled=self.primary)
         if resumed is not None:  # later records of steps after it supersede earlier ones
@@ -276,9 +280,9 @@ class _Run:
         result = {**self.evaluator(self.state.params), "step": step}
         self.writer.write("eval", step, {k: v for k, v in result.items() if k != "step"})
         if self.primary:
-            bpb = result["bits_per_byte"]
-            log.info("eval at step %d: loss %.4f, perplexity %.3f, bits/byte %s", step, result["loss"],
-                     result["perplexity"], "n/a" if bpb is None else f"{bpb:.4f}")
+            shown = [f"{k} {result[k]:.4f}" for k in ("loss", "perplexity", "bits_per_byte", "accuracy")
+                     if result.get(k) is not None]
+            log.info("eval at step %d: %s", step, ", ".join(shown))
         self.window.restart_clock()
         return result
 

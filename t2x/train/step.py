@@ -11,7 +11,8 @@ import optax
 from jax.sharding import Mesh
 
 from t2x.config import Config
-from t2x.objectives import causal_lm, token_losses
+from t2x.families import data_key
+from t2x.objectives import token_losses
 from t2x.parallel import batch_sharding, replicated
 from t2x.train.state import TrainState, skipped_updates
 
@@ -31,12 +32,7 @@ def make_objective(model: nn.Module, cfg: Config) -> Callable:
 
     def objective(params, example, total_weight, rng):
         logits = model.apply(
-            {"params": params},
-            example["inputs"],
-            example["positions"],
-            example["segment_ids"],
-            deterministic=not use_dropout,
-            rngs={"dropout": rng},
+            {"params": params}, **example["model"], deterministic=not use_dropout, rngs={"dropout": rng}
         )
         nll, log_z = token_losses(logits, example["targets"])
         weights = example["weights"]
@@ -48,24 +44,26 @@ def make_objective(model: nn.Module, cfg: Config) -> Callable:
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: Config, bos_id: int
+    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, cfg: Config, objective: Callable
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for one global batch.
 
+    ``objective(batch, rng) -> example`` is the family's (``Family.objective``); its draws
+    (masks) come from a key of the seed and the step, so a resumed run draws the same.
     The loss is the token-weighted mean NLL over the whole global batch (plus z-loss).
     With ``grad_accum_steps = k`` the batch is cut into k micro-batches that a
     ``lax.scan`` feeds to ``optax.MultiSteps``; each micro-batch loss is scaled so that
     the k-gradient average equals the gradient of the whole-batch loss.
     """
     k = cfg.train.grad_accum_steps
-    objective = make_objective(model, cfg)
+    loss_of = make_objective(model, cfg)
 
     def grads_of(params, example, total_weight, rng):
-        (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params, example, total_weight, rng)
+        (_, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(params, example, total_weight, rng)
         return grads, sums
 
     def step(state: TrainState, batch: Batch):
-        example = causal_lm(batch, bos_id)
+        example = objective(batch, data_key(cfg.train.seed, state.step))
         total_weight = jnp.maximum(jnp.sum(example["weights"]), 1.0)
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
         if k == 1:

@@ -1,0 +1,167 @@
+"""Model families: what ``model.family`` means to the data, the model, the step and the eval.
+
+A family is four pieces, and ``FAMILIES`` is the one table naming them:
+
+- a **model** module (``t2x.models``);
+- the **row features** its data has and how tokenized documents become them
+  (``RowFormat``, run inside the tf.data pipeline: objectives that change lengths belong
+  here);
+- an **objective**: a batch of rows -> the model's keyword inputs, the targets and their
+  weights (run inside the jitted step, from a seeded key: masking that keeps lengths);
+- its **eval metrics**: per-batch sums (added up on the host over a whole split) and the
+  summary computed from them.
+
+``decoder``: GPT-style, next-token prediction. ``encoder``: BERT-style, masked LM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t2x.config import Config, ConfigError
+from t2x.data.packing import BOS_DOCUMENTS, DOCUMENTS, RowFormat
+from t2x.data.tokenizer import Tokenizer
+from t2x.models.decoder import DecoderLM
+from t2x.models.encoder import EncoderMLM
+from t2x.objectives import MaskingTokens, causal_lm, masked_lm, token_losses
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The pieces of one family (see the module docstring).
+
+    Attributes:
+      model: the Flax module class, built from ``ModelConfig``.
+      rows: the row features and how tokenized documents become them.
+      objective: ``(cfg, tokenizer) -> fn(batch, rng) -> example``, the example holding
+        ``model`` (keyword inputs), ``targets`` and ``weights``.
+      eval_sums: ``(cfg, tokenizer) -> fn(logits, example, batch) -> sums`` of one batch.
+      summarize: host-side sums over a split -> metrics.
+      reserved_ids: ``(tokenizer) -> ids`` past the tokenizer's vocabulary that the
+        objective uses (a mask token the tokenizer lacks); the model's vocabulary must
+        hold them.
+    """
+
+    model: type
+    rows: RowFormat
+    objective: Callable[[Config, Tokenizer], Callable[[Batch, jax.Array], Batch]]
+    eval_sums: Callable[[Config, Tokenizer], Callable[[jax.Array, Batch, Batch], dict]]
+    summarize: Callable[[dict], dict]
+    reserved_ids: Callable[[Tokenizer], list[int]] = lambda tokenizer: []
+
+
+# decoder: causal LM over documents each followed by EOS.
+
+
+def _causal_lm(cfg: Config, tokenizer: Tokenizer):
+    return lambda batch, rng: causal_lm(batch, tokenizer.bos_id)
+
+
+def _next_token_sums(cfg: Config, tokenizer: Tokenizer):
+    eos_id = tokenizer.eos_id
+
+    def sums(logits, example, batch):
+        nll, _ = token_losses(logits, example["targets"])
+        real = batch["segment_ids"] > 0
+        return {
+            "nll_sum": jnp.sum(nll * example["weights"]),
+            "tokens": jnp.sum(real, dtype=jnp.int32),
+            "bytes": jnp.sum(batch["num_bytes"]),
+            "documents": jnp.sum(real & (example["targets"] == eos_id), dtype=jnp.int32),  # EOS targets
+        }
+
+    return sums
+
+
+def language_model_summary(nll_sum: float, tokens: int, num_bytes: int) -> dict[str, float | int | None]:
+    """Loss, perplexity and bits per byte from summed NLL (nats), target tokens and bytes.
+
+    ``perplexity`` is None when it overflows a float; ``bits_per_byte`` is None when the
+    scored tokens stand for no bytes.
+    """
+    loss = nll_sum / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else None,
+        "bits_per_byte": nll_sum / (math.log(2) * num_bytes) if num_bytes else None,
+        "tokens": int(tokens),
+        "bytes": int(num_bytes),
+    }
+
+
+def _decoder_summary(sums: dict) -> dict:
+    return {**language_model_summary(sums["nll_sum"], sums["tokens"], sums["bytes"]),
+            "documents": int(sums["documents"])}  # documents whose last token was evaluated
+
+
+# encoder: masked LM over documents each as BOS text EOS ([CLS] text [SEP]).
+
+
+def _mask_reserved(tokenizer: Tokenizer) -> list[int]:
+    return [] if tokenizer.mask_id is not None else [tokenizer.vocab_size]
+
+
+def masking_tokens(tokenizer: Tokenizer, vocab_size: int) -> MaskingTokens:
+    """The mask token (the tokenizer's own, or the first id past its vocabulary), the
+    range of random replacements, the never-masked ids and the word starts."""
+    mask = tokenizer.mask_id if tokenizer.mask_id is not None else tokenizer.vocab_size
+    starts = np.ones(vocab_size, bool)
+    starts[: tokenizer.vocab_size] = tokenizer.word_starts()
+    return MaskingTokens(mask=mask, vocab=tokenizer.vocab_size, keep=(tokenizer.bos_id, tokenizer.eos_id),
+                         word_starts=starts)
+
+
+def _masked_lm(cfg: Config, tokenizer: Tokenizer):
+    tokens = masking_tokens(tokenizer, cfg.model.vocab_size)
+    return lambda batch, rng: masked_lm(batch, tokens, cfg.objective, rng)
+
+
+def _masked_token_sums(cfg: Config, tokenizer: Tokenizer):
+    def sums(logits, example, batch):
+        nll, _ = token_losses(logits, example["targets"])
+        chosen = example["weights"] > 0
+        return {
+            "nll_sum": jnp.sum(nll * example["weights"]),
+            "tokens": jnp.sum(chosen, dtype=jnp.int32),
+            "correct": jnp.sum(chosen & (jnp.argmax(logits, -1) == example["targets"]), dtype=jnp.int32),
+        }
+
+    return sums
+
+
+def _encoder_summary(sums: dict) -> dict:
+    loss = sums["nll_sum"] / sums["tokens"]
+    return {
+        "loss": loss,  # mean NLL of the masked tokens
+        "perplexity": math.exp(loss) if loss < 700 else None,
+        "accuracy": sums["correct"] / sums["tokens"],  # masked tokens predicted exactly
+        "tokens": int(sums["tokens"]),
+    }
+
+
+FAMILIES: dict[str, Family] = {
+    "decoder": Family(DecoderLM, DOCUMENTS, _causal_lm, _next_token_sums, _decoder_summary),
+    "encoder": Family(EncoderMLM, BOS_DOCUMENTS, _masked_lm, _masked_token_sums, _encoder_summary,
+                      _mask_reserved),
+}
+
+
+def family(name: str) -> Family:
+    """The family ``model.family`` names."""
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family must be one of {list(FAMILIES)}, got {name!r}")
+    return FAMILIES[name]
+
+
+def data_key(seed: int, step) -> jax.Array:
+    """The key of a step's objective draws (masks), apart from dropout's keys."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x7FFFFFFF), step)

@@ -1,0 +1,75 @@
+"""BERT-style bidirectional encoder with a masked-LM head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t2x.config import ModelConfig
+from t2x.models.attention import attention_mask
+from t2x.models.layers import constrain, dense, embedding, norm, output_logits
+from t2x.models.transformer import BlockStack
+
+
+class EncoderMLM(nn.Module):
+    """Token, position and token-type embeddings (normalized with ``model.embed_norm``),
+    bidirectional blocks (post-norm as BERT, or pre-norm with a final norm), and BERT's
+    masked-LM head: dense, GELU, norm, then the vocabulary projection (tied to the token
+    embedding with ``model.tie_embeddings``) plus a bias.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        token_types: jax.Array | None = None,
+        deterministic: bool = True,
+        hidden: bool = False,
+    ) -> jax.Array:
+        """Masked-LM logits.
+
+        Args:
+          tokens: [batch, seq] input token ids (some replaced by the mask token).
+          positions: [batch, seq] position of each token within its document (default 0..seq-1).
+          segment_ids: [batch, seq] packed-document ids, 0 for padding (default: one document).
+            Every token attends to every token of its own document, in both directions.
+          token_types: [batch, seq] sentence A (0) or B (1) ids (default 0).
+          deterministic: disables dropout.
+          hidden: return the encoder's output states [batch, seq, d_model] instead.
+
+        Returns:
+          float32 logits [batch, seq, vocab_size].
+        """
+        cfg = self.cfg
+        seq_len = tokens.shape[1]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
+        embed = embedding(cfg, cfg.vocab_size, ("vocab", "embed"), "embed")
+        x = embed(tokens)
+        if cfg.position == "learned":
+            x = x + embedding(cfg, cfg.max_seq_len, ("position", "embed"), "pos_embed")(positions)
+        if cfg.type_vocab_size:
+            types = jnp.zeros_like(tokens) if token_types is None else token_types
+            x = x + embedding(cfg, cfg.type_vocab_size, ("position", "embed"), "type_embed")(types)
+        if cfg.embed_norm:
+            x = norm(cfg, "embed_norm")(x)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+        x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
+        mask = attention_mask(segment_ids, seq_len, causal=False)
+        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
+        if cfg.norm_position == "pre":
+            x = norm(cfg, "final_norm")(x)
+        if hidden:
+            return x
+        h = dense(cfg, cfg.d_model, ("embed", "embed_out"), name="mlm_dense")(x)
+        h = norm(cfg, "mlm_norm")(nn.gelu(h, approximate=cfg.mlp == "gelu"))
+        logits = output_logits(cfg, h, embed)
+        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                          (cfg.vocab_size,), jnp.float32)
+        return logits + bias
+

@@ -212,3 +212,18 @@ def test_local_launcher_rejects_bad_arguments():
     for args in ([], ["two", TINY_CONFIG], ["2", "missing.yaml"]):
         result = subprocess.run([LOCAL, *args], capture_output=True, text=True)
         assert result.returncode == 2 and "usage: launch/local.sh" in result.stderr
+
+
+def test_two_processes_train_an_encoder_as_one_does(tmp_path):
+    from test_encoder import BERT_TINY, ENCODER, encoder_config
+
+    steps = ["train.steps=3", "checkpoint.every=1000"]
+    train(encoder_config(tmp_path / "one", *steps, *MESH))
+    env = cpu_env(4, T2X=f"{sys.executable} -m t2x.cli", T2X_CPU_DEVICES="4")
+    job = subprocess.run([LOCAL, "2", str(BERT_TINY), *ENCODER, *MESH, f"train.run_dir={tmp_path / 'two'}", *steps],
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    [result] = results(job.stdout)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=5e-5)
+    assert result["tokens"] > 0 and 0 <= result["accuracy"] <= 1

@@ -1,0 +1,160 @@
+"""The BERT-style encoder family: shapes, masked-LM corruption, training on every mesh,
+exact resume, evaluation with fixed masks, and bad input."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY
+from t2x.checkpoint import Checkpointer
+from t2x.components import build
+from t2x.config import ConfigError, ObjectiveConfig, load_config
+from t2x.data.tokenizer import load_tokenizer
+from t2x.families import masking_tokens
+from t2x.models import abstract_params, build_model, count_params
+from t2x.objectives import MaskingTokens, masked_lm
+from t2x.parallel import batch_sharding, make_mesh
+from t2x.train.loop import train
+
+BERT_TINY = REPO / "configs" / "bert_tiny.yaml"
+# The test encoder: the tiny test shapes, 512 pieces and the mask token past them.
+ENCODER = [o for o in TINY if not o.startswith("model.vocab_size")] + ["model.vocab_size=576"]
+
+
+def encoder_config(run_dir, *overrides):
+    return load_config(BERT_TINY, [*ENCODER, f"train.run_dir={run_dir}", *overrides])
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["split"] == "train" and "loss" in r}
+
+
+@pytest.mark.parametrize("size,published", [("base", 109_514_298), ("large", 335_174_458)])
+def test_bert_configs_have_the_published_parameter_counts(size, published):
+    cfg = load_config(REPO / "configs" / f"bert_{size}.yaml")
+    params, _ = abstract_params(build_model(cfg.model), seq_len=8)
+    assert count_params(params) == published  # transformers' BertForMaskedLM
+
+
+def _rows(rng, batch=64, seq=256, vocab=1000, bos=2, eos=3):
+    """Packed encoder rows: documents BOS ... EOS, then padding at the end of each row."""
+    tokens = rng.integers(10, vocab, (batch, seq)).astype(np.int32)
+    segment_ids = np.zeros((batch, seq), np.int32)
+    positions = np.zeros((batch, seq), np.int32)
+    for r in range(batch):
+        cuts = sorted(rng.choice(np.arange(8, seq - 8), 2, replace=False))
+        end = seq - rng.integers(0, 8)
+        for seg, (a, b) in enumerate(zip([0, *cuts], [*cuts, end]), start=1):
+            tokens[r, a], tokens[r, b - 1] = bos, eos
+            segment_ids[r, a:b] = seg
+            positions[r, a:b] = np.arange(b - a)
+        tokens[r, end:] = 0
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def test_masked_lm_chooses_15_percent_of_text_tokens_and_corrupts_them_80_10_10():
+    batch = _rows(np.random.default_rng(0))
+    masking = MaskingTokens(mask=1000, vocab=1000, keep=(2, 3))
+    example = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(7))
+    inputs, chosen = np.asarray(example["model"]["tokens"]), np.asarray(example["weights"]) > 0
+    text = (batch["segment_ids"] > 0) & (batch["tokens"] != 2) & (batch["tokens"] != 3)
+    assert not (chosen & ~text).any()  # never padding, BOS or EOS
+    assert np.array_equal(np.asarray(example["targets"]), batch["tokens"])
+    assert np.array_equal(inputs[~chosen], batch["tokens"][~chosen])  # the rest untouched
+    assert chosen.sum() / text.sum() == pytest.approx(0.15, abs=0.01)
+    masked = inputs[chosen] == 1000
+    kept = inputs[chosen] == batch["tokens"][chosen]
+    assert masked.mean() == pytest.approx(0.8, abs=0.02)
+    assert kept.mean() == pytest.approx(0.1 + 0.1 / 1000, abs=0.02)  # unchanged, or replaced by itself
+    assert (~masked & ~kept).mean() == pytest.approx(0.1, abs=0.02)
+    assert (inputs[chosen & (inputs != 1000)] < 1000).all()  # random tokens come from the tokenizer's ids
+    again = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(7))
+    assert np.array_equal(np.asarray(again["model"]["tokens"]), inputs)
+    other = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(8))
+    assert not np.array_equal(np.asarray(other["weights"]), np.asarray(example["weights"]))
+
+
+def test_masks_do_not_depend_on_how_the_batch_is_sharded():
+    batch = _rows(np.random.default_rng(1), batch=16, seq=64)
+    masking = MaskingTokens(mask=1000, vocab=1000, keep=(2, 3))
+    corrupt = jax.jit(lambda b: masked_lm(b, masking, ObjectiveConfig(), jax.random.key(3))["model"]["tokens"])
+    one = np.asarray(corrupt(batch))
+    for sizes in ({"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        from t2x.config import MeshConfig
+
+        mesh = make_mesh(MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes}))
+        sharded = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+        assert np.array_equal(np.asarray(corrupt(sharded)), one), sizes
+
+
+def test_whole_word_masking_takes_every_piece_of_a_word_or_none():
+    tokenizer = load_tokenizer("builtin:512")
+    texts = ["Return the concatenation of every unittest assertion, recursively normalized."] * 32
+    documents = tokenizer.encode(texts)
+    seq = max(len(d) for d in documents) + 2
+    tokens = np.zeros((len(texts), seq), np.int32)
+    for r, d in enumerate(documents):
+        tokens[r, : len(d) + 2] = [tokenizer.bos_id, *d, tokenizer.eos_id]
+    real = tokens > 0
+    batch = {"tokens": tokens, "segment_ids": real.astype(np.int32),
+             "positions": np.where(real, np.arange(seq), 0).astype(np.int32)}
+    masking = masking_tokens(tokenizer, 576)
+    starts = masking.word_starts[tokens]
+    assert (~starts & real).any()  # the text has words of several pieces
+    example = masked_lm(batch, masking, ObjectiveConfig(whole_word_masking=True, mask_rate=0.3), jax.random.key(0))
+    chosen = np.asarray(example["weights"]) > 0
+    assert chosen.any()
+    for r in range(len(texts)):
+        word = np.cumsum(starts[r])  # word number of each piece
+        for w in np.unique(word[chosen[r]]):
+            pieces = (word == w) & real[r] & (tokens[r] != tokenizer.bos_id) & (tokens[r] != tokenizer.eos_id)
+            assert chosen[r][pieces].all()
+
+
+MESHES = {
+    "data8": (["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"], None),
+    "fsdp8": (["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"], None),
+    "mixed222": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None),
+    "one_device": (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], 1),
+}
+
+
+def test_encoder_trains_alike_on_every_mesh_resumes_exactly_and_restores_onto_another_mesh(tmp_path):
+    common = ["train.steps=4", "checkpoint.every=2", "optim.decay_steps=4"]
+    losses, evals = {}, {}
+    for name, (mesh, num_devices) in MESHES.items():
+        devices = jax.devices()[:num_devices] if num_devices else None
+        evals[name] = train(encoder_config(tmp_path / name, *common, *mesh), devices=devices)
+        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, 5)])
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, losses["one_device"], rtol=2e-5, err_msg=name)
+        assert evals[name]["tokens"] == evals["one_device"]["tokens"] > 0  # the same evaluation masks
+        assert evals[name]["loss"] == pytest.approx(evals["one_device"]["loss"], rel=1e-5)
+        assert 0 <= evals[name]["accuracy"] <= 1 and "bits_per_byte" not in evals[name]
+
+    # Interrupted at step 2 and resumed: bitwise the uninterrupted run on the same mesh.
+    mesh = MESHES["mixed222"][0]
+    train(encoder_config(tmp_path / "resumed", *common, *mesh, "train.steps=2"))
+    resumed = train(encoder_config(tmp_path / "resumed", *common, *mesh))
+    assert [train_losses(tmp_path / "resumed")[s] for s in range(1, 5)] == list(losses["mixed222"])
+    assert resumed == evals["mixed222"]
+    # Stopped at step 2 on one mesh, resumed on another: it goes on as the others did.
+    train(encoder_config(tmp_path / "moved", *common, *mesh, "train.steps=2"))
+    train(encoder_config(tmp_path / "moved", *common, *MESHES["fsdp8"][0]))
+    got = train_losses(tmp_path / "moved")
+    np.testing.assert_allclose([got[3], got[4]], losses["one_device"][2:], rtol=2e-5)
+    assert Checkpointer(tmp_path / "moved" / "checkpoints", read_only=True).all_steps() == [2, 4]
+
+
+def test_encoder_input_that_cannot_work_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="too short to mask"):
+        encoder_config(tmp_path / "short", "data.seq_len=3")
+    too_small = encoder_config(tmp_path / "vocab", "model.vocab_size=512")
+    with pytest.raises(ConfigError, match=r"reserved token.*model.vocab_size >= 513"):
+        build(too_small)
+    with pytest.raises(ConfigError, match="mask_token_rate"):
+        encoder_config(tmp_path / "rates", "objective.mask_token_rate=0.9", "objective.random_token_rate=0.2")
+    assert not (tmp_path / "vocab").exists()

@@ -18,12 +18,13 @@ import traceback
 from typing import TextIO
 
 EVAL_KEYS = {
-    "loss": "mean negative log-likelihood per target token (nats)",
+    "loss": "mean negative log-likelihood per target token (nats; encoders: per masked token)",
     "perplexity": "exp(loss)",
-    "bits_per_byte": "the same NLL in bits per byte of the text scored",
-    "tokens": "target tokens scored",
-    "bytes": "bytes of text those tokens stand for (separators such as newlines included)",
-    "documents": "documents whose last token was scored",
+    "bits_per_byte": "decoders: the same NLL in bits per byte of the text scored",
+    "accuracy": "encoders: share of masked tokens predicted exactly",
+    "tokens": "target tokens scored (encoders: masked tokens, drawn from objective.eval_seed)",
+    "bytes": "decoders: bytes of text those tokens stand for (separators such as newlines included)",
+    "documents": "decoders: documents whose last token was scored",
     "invalid_utf8, bad_records, corrupt_records, unreadable_files, oversized_documents": "input problems met",
     "batches": "batches evaluated",
     "step": "the checkpoint's step",

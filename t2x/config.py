@@ -34,23 +34,26 @@ class ModelConfig:
     """Shape and numerics of a Transformer of one family.
 
     ``family`` picks the model and objective (``t2x.families``): ``decoder`` (GPT-style,
-    causal LM) or ``encoder`` (BERT-style, masked LM).
+    causal LM), ``encoder`` (BERT-style, masked LM) or ``encoder_decoder`` (T5-style).
     """
 
-    family: str = "decoder"  # decoder | encoder
+    family: str = "decoder"  # decoder | encoder | encoder_decoder
     vocab_size: int = 50304
     d_model: int = 768
-    num_layers: int = 12
+    num_layers: int = 12  # an encoder-decoder's encoder layers
+    num_decoder_layers: Optional[int] = None  # encoder_decoder: decoder layers (None: num_layers)
     num_heads: int = 12
     num_kv_heads: Optional[int] = None  # None: multi-head attention (= num_heads)
     head_dim: Optional[int] = None  # None: d_model // num_heads
     d_ff: int = 3072
     max_seq_len: int = 1024
-    position: str = "learned"  # learned | rope
+    position: str = "learned"  # learned | rope | relative (T5 buckets) | sinusoidal (the original Transformer)
     rope_theta: float = 10000.0
+    relative_buckets: int = 32  # position=relative: buckets of T5's relative position bias
+    relative_max_distance: int = 128  # position=relative: distances from this on share the last bucket
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
+    mlp: str = "gelu"  # gelu (tanh, GPT-2) | gelu_exact (erf, BERT) | relu (T5 1.0) | swiglu | geglu (T5 1.1)
     norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, Llama) | post: norm(x + f(x)) (BERT)
     embed_norm: bool = False  # normalize the summed embeddings (BERT)
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none (BERT: 2)
@@ -64,12 +67,16 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots | dots_no_batch
 
     def __post_init__(self):
-        _one_of("model.family", self.family, ["decoder", "encoder"])
-        _one_of("model.position", self.position, ["learned", "rope"])
+        _one_of("model.family", self.family, ["decoder", "encoder", "encoder_decoder"])
+        _one_of("model.position", self.position, ["learned", "rope", "relative", "sinusoidal"])
         _one_of("model.norm", self.norm, ["layernorm", "rmsnorm"])
-        _one_of("model.mlp", self.mlp, ["gelu", "gelu_exact", "swiglu"])
+        _one_of("model.mlp", self.mlp, ["gelu", "gelu_exact", "relu", "swiglu", "geglu"])
         _one_of("model.norm_position", self.norm_position, ["pre", "post"])
         _require(self.type_vocab_size >= 0, f"model.type_vocab_size must be >= 0, got {self.type_vocab_size}")
+        _require(self.num_decoder_layers is None or self.num_decoder_layers > 0,
+                 f"model.num_decoder_layers must be positive or null, got {self.num_decoder_layers}")
+        _require(self.relative_buckets > 1 and self.relative_max_distance > 1,
+                 "model.relative_buckets and model.relative_max_distance must be > 1")
         _one_of("model.dtype", self.dtype, ["float32", "bfloat16"])
         _one_of("model.attention", self.attention, ["auto", "xla", "cudnn"])
         _one_of("model.remat", self.remat, ["none", "full", "dots", "dots_no_batch"])
@@ -86,8 +93,15 @@ class ModelConfig:
                 f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads}), "
                 "or set model.head_dim",
             )
+        if self.family != "encoder_decoder":
+            _require(self.position in ("learned", "rope"),
+                     f"model.position={self.position} is for model.family=encoder_decoder; use learned or rope")
         if self.position == "rope":
             _require(self.head_size % 2 == 0, f"rotary positions need an even head size, got {self.head_size}")
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_decoder_layers or self.num_layers
 
     @property
     def kv_heads(self) -> int:

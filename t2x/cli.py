@@ -51,6 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=100")
 
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model for text classification",
+        description="Train a classifier: the config's model (its family's, without the LM head) under a pooling "
+        "and a dense head, on labelled examples (data.text_key and classify.label_key of JSONL, CSV or TSV files, "
+        "or TFDS), with classify.labels the classes in order. train.init_from names the pretrained run or export "
+        "to start from: its backbone parameters are taken, the optimizer starts fresh, and the parameters it does "
+        "not use and the new ones are logged. Runs, resumes and stops like `t2x train`; prints the held-out "
+        "loss, accuracy, macro_f1, per-class f1, confusion_matrix (rows: true label, columns: predicted), "
+        "majority_accuracy (always answering the split's most common label), examples, truncated and batches "
+        "as one JSON line.",
+    )
+    finetune.add_argument("config", help="YAML config file with a classify section (see docs/finetuning.md)")
+    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     keys = "; ".join(f"{k}: {v}" for k, v in EVAL_KEYS.items())
     evaluate = commands.add_parser(
         "eval",
@@ -451,10 +466,14 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
     from t2x.train.metrics import to_json
 
     try:
-        if args.command == "train":
+        if args.command in ("train", "finetune"):
+            from t2x.config import ConfigError
             from t2x.train.loop import train
 
             cfg = load_config(args.config, args.overrides)
+            if (args.command == "finetune") != cfg.classify.enabled:
+                raise ConfigError("t2x finetune trains a classifier: set classify.labels" if args.command == "finetune"
+                                  else "classify.labels makes this a classifier: run it with t2x finetune")
             _join_job(cfg)
             result = train(cfg)
         elif args.command == "eval":

@@ -12,8 +12,7 @@ from jax.sharding import Mesh
 
 from t2x.config import Config, ConfigError
 from t2x.data.tokenizer import Tokenizer, TokenizerError, from_files, load_tokenizer, pack, unpack
-from t2x.families import family
-from t2x.models import build_model
+from t2x.families import family, task
 from t2x.parallel import make_mesh
 
 
@@ -78,4 +77,4 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
             f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces{extra} but model.vocab_size is "
             f"{cfg.model.vocab_size}; set model.vocab_size >= {needed} or use a smaller tokenizer"
         )
-    return Components(cfg, mesh, tokenizer, build_model(cfg.model))
+    return Components(cfg, mesh, tokenizer, task(cfg).model(cfg.model))

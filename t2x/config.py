@@ -119,7 +119,7 @@ class DataConfig:
     source: str = "builtin"  # builtin | files | tfds
     train_files: tuple[str, ...] = ()  # globs, for source=files
     eval_files: tuple[str, ...] = ()
-    format: str = "auto"  # auto (by extension) | text | jsonl | tfrecord
+    format: str = "auto"  # auto (by extension) | text | jsonl | tfrecord | csv | tsv (csv and tsv: classify only)
     text_unit: str = "line"  # text files: a document per line | per file
     text_key: str = "text"  # field of a JSONL object, tf.train.Example or TFDS example
     tfds_name: str = ""
@@ -139,7 +139,7 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of("data.source", self.source, ["builtin", "files", "tfds"])
-        _one_of("data.format", self.format, ["auto", "text", "jsonl", "tfrecord"])
+        _one_of("data.format", self.format, ["auto", "text", "jsonl", "tfrecord", "csv", "tsv"])
         _one_of("data.text_unit", self.text_unit, ["line", "file"])
         _one_of("data.invalid_utf8", self.invalid_utf8, ["replace", "skip"])
         if self.source == "files":
@@ -323,6 +323,31 @@ class ObjectiveConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    """Fine-tuning for text classification (``t2x finetune``): the labels and the head.
+
+    The data are labelled examples (``data.text_key`` and ``label_key`` fields of JSONL,
+    CSV or TSV rows, or of TFDS examples); each becomes one row, BOS text EOS, cut to
+    ``data.seq_len``.
+    """
+
+    labels: tuple[str, ...] = ()  # the classes, in order; empty: not a classification run
+    label_key: str = "label"  # field (JSONL, TFDS) or column (CSV, TSV) holding the label
+    pooling: str = "auto"  # auto (cls for encoders, last for decoders) | cls | mean | last
+
+    def __post_init__(self):
+        _one_of("classify.pooling", self.pooling, ["auto", "cls", "mean", "last"])
+        _require(len(self.labels) != 1, "classify.labels needs at least two classes")
+        duplicates = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        _require(not duplicates, f"classify.labels lists {duplicates} more than once")
+        _require(bool(self.label_key), "classify.label_key must be set")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: model, data, mesh and processes, objective, optimizer, loop, checkpoints and evaluation."""
 
@@ -332,6 +357,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    classify: ClassifyConfig = dataclasses.field(default_factory=ClassifyConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -360,6 +386,17 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) "
                 "for learned positions",
             )
+        _require(self.data.format not in ("csv", "tsv") or self.classify.enabled,
+                 f"data.format={self.data.format} holds labelled examples, for classify.labels; "
+                 "pretraining reads text, jsonl or tfrecord")
+        _require(not self.train.sample_tokens or (self.model.family == "decoder" and not self.classify.enabled),
+                 "train.sample_tokens: only a decoder language model continues a prompt; set train.sample_tokens=0")
+        if self.classify.enabled:
+            pooling = self.classify.pooling
+            _require(self.model.family in ("decoder", "encoder"),
+                     f"classify: model.family={self.model.family} has no classification head yet; use an encoder or decoder")
+            _require(pooling != "cls" or self.model.family == "encoder",
+                     "classify.pooling=cls pools an encoder's first ([CLS]) token; a decoder pools last or mean")
         if self.model.family == "encoder":
             _require(
                 self.data.seq_len >= 4,

@@ -9,6 +9,7 @@ models with different tokenizers compare. Sums are accumulated in float64 on the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -24,7 +25,8 @@ from t2x.data.pipeline import check_data, data_errors, eval_dataset
 from t2x.data.reader import PROBLEMS, DataError, DataStats
 from t2x.data.sources import Source
 from t2x.data.tokenizer import Tokenizer
-from t2x.families import family
+from t2x.data.labelled import eval_batches, read_labelled
+from t2x.families import family, task
 from t2x.parallel import batch_sharding, host_to_global, process_rows, replicated
 from t2x.parallel.distributed import any_process, sum_over_processes
 
@@ -35,7 +37,7 @@ def make_eval_step(model: nn.Module, cfg: Config, tokenizer: Tokenizer) -> Calla
     """``step(params, batch, index) -> sums`` over the batch, the family's eval sums
     (``Family.eval_sums``). The objective's draws (masks) come from
     ``objective.eval_seed`` and the batch's index, so every evaluation draws the same."""
-    fam = family(cfg.model.family)
+    fam = task(cfg)
     objective, batch_sums = fam.objective(cfg, tokenizer), fam.eval_sums(cfg, tokenizer)
     key = jax.random.key(cfg.objective.eval_seed)
 
@@ -48,7 +50,8 @@ def make_eval_step(model: nn.Module, cfg: Config, tokenizer: Tokenizer) -> Calla
 
 
 class Evaluator:
-    """Evaluates parameters on the eval split.
+    """Evaluates parameters on the eval split: held-out text, or, for a classifier
+    (``classify.labels``), labelled examples.
 
     The tokenized split is cached in memory after the first pass (on every process, its
     own rows) unless ``eval.max_batches`` caps the evaluation.
@@ -65,20 +68,21 @@ class Evaluator:
         self.mesh = mesh
         self.batch_size = cfg.eval_batch_size
         self.max_batches = cfg.eval.max_batches
-        self.summarize = family(cfg.model.family).summarize
-        self.source = Source(cfg.data, "eval")
-        check_data(self.source, cfg.data, every_shard=False)
-        self.stats = DataStats(strict=cfg.data.strict)
-        self.dataset = eval_dataset(
-            self.source,
-            tokenizer,
-            cfg.data,
-            self.batch_size,
-            process_rows(mesh, self.batch_size),
-            self.stats,
-            cache=self.max_batches is None,
-            row_format=family(cfg.model.family).rows,
-        )
+        self.summarize = task(cfg).summarize
+        rows = process_rows(mesh, self.batch_size)
+        if cfg.classify.enabled:
+            self.labelled = read_labelled(cfg, "eval", tokenizer)
+            self.description = self.labelled.description
+            self.batches = lambda: eval_batches(self.labelled, self.batch_size, rows)
+        else:
+            self.labelled = None
+            self.source = Source(cfg.data, "eval")
+            self.description = self.source.description
+            check_data(self.source, cfg.data, every_shard=False)
+            self.stats = DataStats(strict=cfg.data.strict)
+            dataset = eval_dataset(self.source, tokenizer, cfg.data, self.batch_size, rows, self.stats,
+                                   cache=self.max_batches is None, row_format=family(cfg.model.family).rows)
+            self.batches = dataset.as_numpy_iterator
         self.step = jax.jit(
             make_eval_step(model, cfg, tokenizer),
             in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),
@@ -86,24 +90,28 @@ class Evaluator:
         )
 
     def __call__(self, params: Any) -> dict[str, Any]:
-        """The family's metrics (decoders: loss, perplexity, bits per byte, tokens, bytes,
-        documents), the input problems met and batches, over the split (or ``max_batches``)."""
-        if self.max_batches is not None:  # uncached: count this evaluation's reading alone
+        """The metrics of the family (decoders: loss, perplexity, bits per byte, tokens,
+        bytes, documents; encoders: loss, perplexity, accuracy of the masked tokens) or of
+        the classifier, the input problems met, and batches, over the split (or
+        ``max_batches``)."""
+        if self.labelled is None and self.max_batches is not None:  # uncached: count this evaluation's reading alone
             self.stats.reset()
         sums = []
-        with data_errors(self.stats):
-            for i, local in enumerate(self.dataset.as_numpy_iterator()):
+        with contextlib.nullcontext() if self.labelled is not None else data_errors(self.stats):
+            for i, local in enumerate(self.batches()):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
-                if not any_process(bool(local["segment_ids"].any())):
+                if self.labelled is None and not any_process(bool(local["segment_ids"].any())):
                     break
                 sums.append(self.step(params, host_to_global(local, self.mesh, self.batch_size), np.int32(i)))
-        totals: dict[str, float | int] = {}
-        for batch_sums in jax.device_get(sums):  # float64 and Python ints on the host
+        totals: dict[str, Any] = {}
+        for batch_sums in jax.device_get(sums):  # float64 and int64 on the host
             for k, v in batch_sums.items():
-                totals[k] = totals.get(k, 0) + (float(v) if np.issubdtype(v.dtype, np.floating) else int(v))
+                totals[k] = totals.get(k, 0) + np.asarray(v, np.float64 if np.issubdtype(v.dtype, np.floating) else np.int64)
         if not totals.get("tokens"):
-            raise DataError(f"{self.source.description} has no documents to evaluate")
+            raise DataError(f"{self.description} has no documents to evaluate")
+        if self.labelled is not None:
+            return {**self.summarize(totals), "truncated": self.labelled.truncated, "batches": len(sums)}
         read = sum_over_processes(self.stats.as_dict())
         return {**self.summarize(totals), **{k: read[k] for k in PROBLEMS}, "batches": len(sums)}
 

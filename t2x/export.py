@@ -302,15 +302,9 @@ def read(path: str, step: int | None = None) -> Exported:
 _FREE_MODEL_SETTINGS = ("dropout", "dtype", "attention", "scan_layers", "remat", "init_std")
 
 
-def initial_params(path: str, m: ModelConfig, tokenizer_fingerprint: str, abstract: Any) -> Any:
-    """``train.init_from``: the float32 parameters of the export (or run directory) at
-    ``path``, laid out for model ``m``, to start a new run from.
-
-    Raises:
-      ExportError: the export's model differs from ``m`` (other than in dropout, dtype,
-        attention, layer scanning, remat or init scale; the setting is named), its
-        tokenizer is not the run's, or its parameters do not fit.
-    """
+def _matching_export(path: str, m: ModelConfig, tokenizer_fingerprint: str) -> Any:
+    """The parameters of the export (or run) at ``path`` laid out for ``m``, after
+    checking that its model and tokenizer are this run's."""
     exported = read(path)
     theirs = exported.cfg.model
     for field in dataclasses.fields(ModelConfig):
@@ -325,9 +319,38 @@ def initial_params(path: str, m: ModelConfig, tokenizer_fingerprint: str, abstra
     if from_files(exported.tokenizer_files, path).fingerprint != tokenizer_fingerprint:
         raise ExportError(f"train.init_from {path} was trained with another tokenizer than data.tokenizer names; "
                           f"set data.tokenizer={path} to train with its own")
-    params = relayout(exported.params, m)
+    return relayout(exported.params, m)
+
+
+def initial_params(path: str, m: ModelConfig, tokenizer_fingerprint: str, abstract: Any) -> Any:
+    """``train.init_from``: the float32 parameters of the export (or run directory) at
+    ``path``, laid out for model ``m``, to start a new run from.
+
+    Raises:
+      ExportError: the export's model differs from ``m`` (other than in dropout, dtype,
+        attention, layer scanning, remat or init scale; the setting is named), its
+        tokenizer is not the run's, or its parameters do not fit.
+    """
+    params = _matching_export(path, m, tokenizer_fingerprint)
     check_shapes(params, abstract, path)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def backbone_params(path: str, m: ModelConfig, tokenizer_fingerprint: str, abstract: Any) -> tuple[Any, list[str]]:
+    """``train.init_from`` of a fine-tuning run: of the export's parameters, the float32
+    ones the backbone ``abstract`` has (those of the model without its LM head), and the
+    names of the others, which the run does not use.
+
+    Raises:
+      ExportError: as ``initial_params``; also when the backbone needs a parameter the
+        export lacks, or one of another shape.
+    """
+    params = _matching_export(path, m, tokenizer_fingerprint)
+    flat, want = named_leaves(params), named_leaves(abstract)
+    unused = sorted(k for k in flat if k not in want)
+    taken = unflatten({k: v for k, v in flat.items() if k in want})
+    check_shapes(taken, abstract, path)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), taken), unused
 
 
 def export_run(

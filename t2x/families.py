@@ -40,7 +40,7 @@ class Family:
     """The pieces of one family (see the module docstring).
 
     Attributes:
-      model: the Flax module class, built from ``ModelConfig``.
+      model: builds the Flax module from ``ModelConfig`` (the module class, for families).
       rows: the row features and how tokenized documents become them.
       objective: ``(cfg, tokenizer) -> fn(batch, rng) -> example``, the example holding
         ``model`` (keyword inputs), ``targets`` and ``weights``.
@@ -51,7 +51,7 @@ class Family:
         hold them.
     """
 
-    model: type
+    model: Callable[..., Any]
     rows: RowFormat
     objective: Callable[[Config, Tokenizer], Callable[[Batch, jax.Array], Batch]]
     eval_sums: Callable[[Config, Tokenizer], Callable[[jax.Array, Batch, Batch], dict]]
@@ -99,7 +99,7 @@ def language_model_summary(nll_sum: float, tokens: int, num_bytes: int) -> dict[
 
 
 def _decoder_summary(sums: dict) -> dict:
-    return {**language_model_summary(sums["nll_sum"], sums["tokens"], sums["bytes"]),
+    return {**language_model_summary(float(sums["nll_sum"]), int(sums["tokens"]), int(sums["bytes"])),
             "documents": int(sums["documents"])}  # documents whose last token was evaluated
 
 
@@ -139,11 +139,11 @@ def _masked_token_sums(cfg: Config, tokenizer: Tokenizer):
 
 
 def _encoder_summary(sums: dict) -> dict:
-    loss = sums["nll_sum"] / sums["tokens"]
+    loss = float(sums["nll_sum"]) / int(sums["tokens"])
     return {
         "loss": loss,  # mean NLL of the masked tokens
         "perplexity": math.exp(loss) if loss < 700 else None,
-        "accuracy": sums["correct"] / sums["tokens"],  # masked tokens predicted exactly
+        "accuracy": int(sums["correct"]) / int(sums["tokens"]),  # masked tokens predicted exactly
         "tokens": int(sums["tokens"]),
     }
 
@@ -160,6 +160,75 @@ def family(name: str) -> Family:
     if name not in FAMILIES:
         raise ConfigError(f"model.family must be one of {list(FAMILIES)}, got {name!r}")
     return FAMILIES[name]
+
+
+# Classification (``t2x finetune``): a head on any family's model, labelled rows.
+
+
+def _classify(cfg: Config, tokenizer: Tokenizer):
+    def example(batch, rng):
+        labels = batch["labels"][:, None]  # [batch, 1]: one prediction per row; -1 pads
+        return {
+            "model": {"tokens": batch["tokens"], "positions": batch["positions"], "segment_ids": batch["segment_ids"]},
+            "targets": jnp.maximum(labels, 0),
+            "weights": (labels >= 0).astype(jnp.float32),
+        }
+
+    return example
+
+
+def _classification_sums(cfg: Config, tokenizer: Tokenizer):
+    num_labels = len(cfg.classify.labels)
+
+    def sums(logits, example, batch):
+        nll, _ = token_losses(logits, example["targets"])
+        real = example["weights"][:, 0]
+        truth = jax.nn.one_hot(example["targets"][:, 0], num_labels, dtype=jnp.int32) * real[:, None].astype(jnp.int32)
+        predicted = jax.nn.one_hot(jnp.argmax(logits[:, 0], -1), num_labels, dtype=jnp.int32)
+        return {
+            "nll_sum": jnp.sum(nll * example["weights"]),
+            "tokens": jnp.sum(real, dtype=jnp.int32),
+            "confusion": truth.T @ predicted,  # [true label, predicted label] counts
+        }
+
+    return sums
+
+
+def classification_summary(sums: dict, labels: tuple[str, ...]) -> dict:
+    """Loss, accuracy, macro F1 (over the classes that occur as truth or prediction) and
+    the confusion matrix (rows: true label, columns: predicted, in ``labels`` order)."""
+    confusion = np.asarray(sums["confusion"], np.int64)
+    hits = np.diag(confusion)
+    truth, predicted = confusion.sum(1), confusion.sum(0)
+    present = (truth + predicted) > 0
+    f1 = np.where(present, 2 * hits / np.maximum(truth + predicted, 1), 0.0)
+    examples = int(confusion.sum())
+    return {
+        "loss": float(sums["nll_sum"]) / examples,
+        "accuracy": float(hits.sum() / examples),
+        "macro_f1": float(f1[present].mean()),
+        "f1": {label: float(f) for label, f, p in zip(labels, f1, present) if p},
+        "confusion_matrix": confusion.tolist(),
+        "labels": list(labels),
+        "examples": examples,
+        # What always answering the evaluation split's own most common label would score.
+        "majority_accuracy": float(truth.max() / examples),
+    }
+
+
+def task(cfg: Config) -> Family:
+    """The pieces a run trains with: the model family's own, or, with ``classify.labels``,
+    a classifier on that family's model (its row format is the labelled rows of
+    ``t2x.data.labelled``)."""
+    if not cfg.classify.enabled:
+        return family(cfg.model.family)
+    from t2x.models.classifier import Classifier, pooling_of
+
+    labels, pooling = cfg.classify.labels, pooling_of(cfg.model, cfg.classify.pooling)
+    return Family(
+        lambda m: Classifier(m, len(labels), pooling), family(cfg.model.family).rows, _classify,
+        _classification_sums, lambda sums: classification_summary(sums, labels),
+    )
 
 
 def data_key(seed: int, step) -> jax.Array:

@@ -93,3 +93,45 @@ def _build(path: pathlib.Path) -> None:
         for file in staging.iterdir():
             file.unlink()
         staging.rmdir()
+
+
+# A labelled set for fine-tuning: which standard-library package a docstring comes from.
+TOPICS = ("tkinter", "asyncio", "email", "logging", "xml")
+
+
+def build_topics(path: str | os.PathLike) -> dict[str, int]:
+    """Write ``train.jsonl`` and ``validation.jsonl`` of ``{"text", "label"}`` examples to
+    ``path``: the docstrings (of at least ``MIN_CHARS``) of the packages in ``TOPICS``,
+    labelled with the package, held out by the same text hash as the corpus.
+
+    The repository ships the set this made from Python 3.11's standard library
+    (``t2x/data/sets/stdlib_topics``), so examples do not vary with the interpreter.
+
+    Returns:
+      Examples per split.
+    """
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    seen, splits = set(), {"train": [], "validation": []}
+    for topic in TOPICS:
+        for file in sorted((root / topic).rglob("*.py")):
+            if SKIPPED_DIRS.intersection(file.relative_to(root).parts):
+                continue
+            tree = ast.parse(file.read_bytes())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    digest = hashlib.sha256((doc or "").encode("utf-8")).digest()
+                    if doc and len(doc) >= MIN_CHARS and digest not in seen:
+                        seen.add(digest)
+                        held_out = int.from_bytes(digest[:8], "little") % 5 == 0  # 20%
+                        splits["validation" if held_out else "train"].append({"text": doc, "label": topic})
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for split, examples in splits.items():
+        with open(path / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
+    return {split: len(examples) for split, examples in splits.items()}
+
+
+if __name__ == "__main__":  # python -m t2x.data.corpus OUTPUT_DIR: rebuild the labelled topic set
+    print(build_topics(sys.argv[1]))

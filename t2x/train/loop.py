@@ -20,7 +20,8 @@ from t2x.data.pipeline import TrainBatches, check_data, positions_to_state, stat
 from t2x.data.reader import PROBLEMS
 from t2x.data.sources import Source
 from t2x.evaluate import Evaluator
-from t2x.families import family
+from t2x.data.labelled import LabelledBatches, read_labelled
+from t2x.families import task
 from t2x.flops import peak_flops_per_device, training_flops_per_step
 from t2x.parallel import host_to_global, process_rows, sharding_context
 from t2x.parallel.distributed import sum_over_processes
@@ -100,9 +101,12 @@ class _Run:
         self.primary = jax.process_index() == 0
         run_dir = cfg.train.run_dir
         self.c = build(cfg, _tokenizer_spec(cfg, run_dir), devices)
-        self.source = Source(cfg.data, "train")
-        check_data(self.source, cfg.data, every_shard=True)
-        if jax.process_count() > 1 and 0 < len(self.source.files) < cfg.data.num_shards:
+        if cfg.classify.enabled:  # labelled examples, read whole (t2x.data.labelled)
+            self.source = self.labelled = read_labelled(cfg, "train", self.c.tokenizer)
+        else:
+            self.source, self.labelled = Source(cfg.data, "train"), None
+            check_data(self.source, cfg.data, every_shard=True)
+        if self.labelled is None and jax.process_count() > 1 and 0 < len(self.source.files) < cfg.data.num_shards:
             log.warning(
                 "%s has fewer files than data.num_shards (%d): every process reads all of them and keeps its "
                 "shards' records; split the data into at least %d files so each process reads only its own",
@@ -129,10 +133,7 @@ class _Run:
         _, logical = abstract_params(c.model, seq_len)
         resumed = resume(self.checkpointer, cfg, self.data_meta, Target(abstract, self.shardings, logical, c.mesh))
         if resumed is None and cfg.train.init_from:
-            from t2x.export import initial_params
-
-            params = initial_params(cfg.train.init_from, cfg.model, c.tokenizer.fingerprint, abstract.params)
-            self.state = state_from_params(params, self.tx, self.shardings)
+            self.state = state_from_params(self._initial_params(abstract), self.tx, self.shardings)
             positions = None
             self.newest_checkpoint = None
             log.info("initialized %s parameters from %s", f"{count_params(self.state.params):,}", cfg.train.init_from)
@@ -149,11 +150,14 @@ class _Run:
         if self.primary:
             write_run_files(run_dir, cfg, c.tokenizer.files)
         batch_size = cfg.train.global_batch_size
-        fam = family(cfg.model.family)
-        self.batches = TrainBatches(
-            self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, process_rows(c.mesh, batch_size), positions,
-            fam.rows,
-        )
+        fam = task(cfg)
+        rows = process_rows(c.mesh, batch_size)
+        if self.labelled is not None:
+            self.batches = LabelledBatches(self.labelled, batch_size, cfg.train.seed, rows,
+                                           0 if resumed is None else resumed.step)
+        else:
+            self.batches = TrainBatches(self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, rows, positions,
+                                        fam.rows)
         objective = fam.objective(cfg, c.tokenizer)
         self.train_step = jit_train_step(make_train_step(c.model, self.tx, self.schedule, cfg, objective),
                                          self.shardings, c.mesh)
@@ -164,6 +168,24 @@ class _Run:
         self.window = _Window()
         self.skips_in_a_row = 0
         self.unconfirmed: int | None = None  # newest save of this launch, not yet followed by finite steps
+
+    def _initial_params(self, abstract) -> Any:
+        """``train.init_from``'s parameters as host arrays; for a classifier, its backbone's,
+        with a freshly initialized head."""
+        from t2x.export import backbone_params, initial_params
+        from t2x.models.classifier import BACKBONE
+
+        cfg, c = self.cfg, self.c
+        if not cfg.classify.enabled:
+            return initial_params(cfg.train.init_from, cfg.model, c.tokenizer.fingerprint, abstract.params)
+        backbone, unused = backbone_params(cfg.train.init_from, cfg.model, c.tokenizer.fingerprint,
+                                           abstract.params[BACKBONE])
+        fresh = init_state(c.model, self.tx, self.shardings, cfg.train.seed, cfg.data.seq_len).params
+        head = {k: v for k, v in fresh.items() if k != BACKBONE}
+        head = jax.tree.map(np.asarray, multihost_utils.process_allgather(head, tiled=True))
+        log.info("fine-tuning from %s: took its %d backbone parameters; not used: %s; new: %s", cfg.train.init_from,
+                 len(jax.tree.leaves(backbone)), ", ".join(unused) or "none", ", ".join(sorted(head)))
+        return {BACKBONE: backbone, **head}
 
     def close(self) -> None:
         try:
@@ -246,6 +268,7 @@ class _Run:
         finite = [m for _, m in fetched if m["finite"]]  # skipped steps stay out of the means
         newest = fetched[-1][1]
         positions = self.batches.positions.values()
+        epochs = [p.epoch for p in positions] if positions else [self.batches.epoch]
         logged = {
             "loss": float(np.mean([m["loss"] for m in finite])) if finite else None,
             "z_loss": float(np.mean([m["z_loss"] for m in finite])) if finite else None,
@@ -254,8 +277,8 @@ class _Run:
             "learning_rate": float(newest["learning_rate"]),
             "skipped_steps": int(newest["skipped_steps"]),
             **sum_over_processes(self.batches.stats.as_dict()),
-            "data_epoch_min": min(p.epoch for p in positions),
-            "data_epoch_max": max(p.epoch for p in positions),
+            "data_epoch_min": min(epochs),
+            "data_epoch_max": max(epochs),
         }
         if window.timed_steps and elapsed > 0:
             logged["tokens_per_second"] = window.timed_steps * batch_size * seq_len / elapsed

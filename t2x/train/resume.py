@@ -45,7 +45,8 @@ WRAPPER_SETTINGS = ("train.grad_accum_steps", "train.on_nonfinite", "optim.clip_
 def data_meta(cfg: Config, source: Source, tokenizer: Tokenizer) -> dict[str, Any]:
     """What the input pipeline's stored positions mean; a resume must match all of it."""
     d = cfg.data
-    return {
+    labels = {"classify.labels": list(cfg.classify.labels)} if cfg.classify.enabled else {}
+    return labels | {
         "training data": source.fingerprint,  # files (names, sizes), format and text field, or the TFDS split
         "data.tokenizer": tokenizer.fingerprint[:16],
         "data.num_shards": d.num_shards,

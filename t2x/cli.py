@@ -189,15 +189,17 @@ def _inference_parsers(commands) -> None:
     embed = commands.add_parser(
         "embed",
         help="an embedding vector per text in a file",
-        description="Embed each text of FILE (as for score): the final hidden states of its tokens, averaged "
-        "(--pooling mean) or of its last token (--pooling last), optionally L2-normalized. Texts longer than the "
-        "context are cut to its length. Writes OUT.npy ([texts, d_model] float32) or OUT.jsonl (one "
+        description="Embed each text of FILE (as for score) with a decoder or an encoder: the final hidden states "
+        "of its tokens averaged (--pooling mean) or their elementwise maximum (--pooling max), a decoder's last "
+        "token's (--pooling last) or an encoder's first, [CLS], token's (--pooling cls), optionally "
+        "L2-normalized. Texts longer than the context are cut to its length. Writes OUT.npy ([texts, d_model] float32) or OUT.jsonl (one "
         "{\"embedding\": [...]} per text); prints JSON: output, texts, dim.",
     )
     source(embed)
     embed.add_argument("file", metavar="FILE")
     embed.add_argument("--output", required=True, metavar="OUT.npy|OUT.jsonl")
-    embed.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    embed.add_argument("--pooling", choices=["mean", "last", "cls", "max"], default="mean",
+                       help="decoders: mean, last or max; encoders: cls, mean or max")
     embed.add_argument("--normalize", action="store_true", help="scale each vector to unit L2 norm")
     embed.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
 

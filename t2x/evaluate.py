@@ -80,9 +80,9 @@ class Evaluator:
             self.description = self.source.description
             check_data(self.source, cfg.data, every_shard=False)
             self.stats = DataStats(strict=cfg.data.strict)
-            dataset = eval_dataset(self.source, tokenizer, cfg.data, self.batch_size, rows, self.stats,
-                                   cache=self.max_batches is None, row_format=family(cfg.model.family).rows)
-            self.batches = dataset.as_numpy_iterator
+            self.dataset = eval_dataset(self.source, tokenizer, cfg.data, self.batch_size, rows, self.stats,
+                                        cache=self.max_batches is None, row_format=family(cfg.model.family).rows)
+            self.batches = self.dataset.as_numpy_iterator
         self.step = jax.jit(
             make_eval_step(model, cfg, tokenizer),
             in_shardings=(param_shardings, batch_sharding(mesh), replicated(mesh)),

@@ -271,11 +271,12 @@ def read_run(run_dir: str, step: int | None = None) -> Exported:
     """Parameters of a run directory's checkpoint (the newest that verifies, or ``step``),
     read in this one process whatever mesh and process count wrote it."""
     from t2x.checkpoint import restore_params
-    from t2x.models import abstract_params, build_model
+    from t2x.families import task
+    from t2x.models import abstract_params
     from t2x.rundir import CHECKPOINTS, load_run, tokenizer_spec
 
     cfg, run_dir = load_run(run_dir, [])
-    abstract, _ = abstract_params(build_model(cfg.model), cfg.data.seq_len)
+    abstract, _ = abstract_params(task(cfg).model(cfg.model), cfg.data.seq_len)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params, step = restore_params(os.path.join(run_dir, CHECKPOINTS), step, abstract,
                                   jax.tree.map(lambda _: device, abstract), cfg.checkpoint.on_damage)
@@ -363,6 +364,13 @@ def export_run(
     check_dtype(dtype)  # before the (long) read of the checkpoint, as the output
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if fmt == "stablehlo" and not is_export(run_dir):
+        from t2x.rundir import load_run
+
+        cfg = load_run(run_dir, [])[0]
+        if cfg.model.family != "decoder" or cfg.classify.enabled:
+            raise ExportError("--format stablehlo serializes a decoder language model's logits, prefill and decode; "
+                              "export this model with --format t2x")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
     check_output(output)

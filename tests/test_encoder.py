@@ -158,3 +158,33 @@ def test_encoder_input_that_cannot_work_is_refused_before_anything_is_written(tm
     with pytest.raises(ConfigError, match="mask_token_rate"):
         encoder_config(tmp_path / "rates", "objective.mask_token_rate=0.9", "objective.random_token_rate=0.2")
     assert not (tmp_path / "vocab").exists()
+
+
+def test_encoder_embeddings_pool_each_text_alone_whatever_it_is_batched_with():
+    import flax.linen as nn
+
+    from t2x.export import Exported
+    from t2x.infer.engine import RequestError
+    from t2x.infer.model import place
+    from t2x.infer.score import Scorer
+
+    cfg = encoder_config("/nonexistent", "model.init_std=0.3")
+    module = build_model(cfg.model)
+    params = jax.device_get(nn.unbox(module.init(jax.random.key(1), np.zeros((1, 8), np.int32))["params"]))
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    model = place(Exported(cfg, params, tokenizer.files, {"kind": "test", "path": "encoder"}))
+    texts = ["Return the sum.", "A much longer text, of several words, that pads the other rows of its batch."]
+    scorer = Scorer(model, batch_size=2)
+    for pooling in ("cls", "mean", "max"):
+        together = scorer.embed(texts, pooling)
+        for text, vector in zip(texts, together):
+            ids = [tokenizer.bos_id, *tokenizer.encode([text])[0][: model.context - 2], tokenizer.eos_id]
+            states = np.asarray(module.apply({"params": params}, np.asarray([ids], np.int32), hidden=True))[0]
+            expected = {"cls": states[0], "mean": states[1:-1].mean(0), "max": states[1:-1].max(0)}[pooling]
+            np.testing.assert_allclose(vector, expected, rtol=1e-4, atol=1e-5, err_msg=pooling)
+    unit = scorer.embed(texts, "cls", normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-6)
+    with pytest.raises(RequestError, match="an encoder pools cls, mean, max"):
+        scorer.embed(texts, "last")
+    with pytest.raises(RequestError, match="only a decoder language model scores texts; this is an encoder"):
+        scorer.score(texts)

@@ -20,7 +20,10 @@ from t2x.export import ExportError
 from t2x.families import classification_summary
 from t2x.models import DecoderLM
 from t2x.models.classifier import Classifier
+from t2x.infer.model import load
+from t2x.infer.score import Scorer
 from t2x.train.loop import train
+from test_server import call, serving
 
 TOPICS = REPO / "configs" / "bert_tiny_topics.yaml"
 LABELS = ["tkinter", "asyncio", "email", "logging", "xml"]
@@ -123,3 +126,18 @@ def test_a_pretrained_encoder_fine_tunes_past_the_majority_class(tmp_path, caplo
     assert result["examples"] == 326 == int(np.sum(result["confusion_matrix"]))
     assert result["labels"] == LABELS
     assert result["accuracy"] > result["majority_accuracy"] + 0.15  # 0.396 for always "tkinter"
+
+    # Served: /v1/classify answers as the evaluation did; what a classifier does not do is a 422.
+    model = load(str(tmp_path / "ft"))
+    lines = (REPO / "t2x/data/sets/stdlib_topics/validation.jsonl").read_text().splitlines()[:8]
+    texts, truth = [json.loads(x)["text"] for x in lines], [json.loads(x)["label"] for x in lines]
+    classes = Scorer(model, batch_size=8).classify(texts)
+    assert all(abs(sum(c["probabilities"].values()) - 1) < 1e-5 for c in classes)
+    with serving(model) as url:
+        status, body = call(url, "/v1/classify", {"texts": texts})
+        assert status == 200 and json.loads(body)["classes"] == classes
+        for path, request in (("/v1/generate", {"prompt": "x"}), ("/v1/embed", {"texts": ["x"]}),
+                              ("/v1/score", {"texts": ["x"]})):
+            status, body = call(url, path, request)
+            assert status == 422 and json.loads(body)["error"]["field"] == "model", (path, body)
+    assert sum(c["label"] == t for c, t in zip(classes, truth)) >= 4

@@ -4,6 +4,7 @@ naming the field and the server keeps serving."""
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -24,13 +25,13 @@ from test_infer import PROMPTS, random_model
 LIMITS = Limits(slots=4, max_batch=8, max_texts=8, max_new_tokens=24, max_body_bytes=4096)
 
 
-@pytest.fixture(scope="module")
-def server():
-    model = random_model("gpt2")
+@contextlib.contextmanager
+def serving(model, limits=LIMITS):
+    """``model``'s app served over HTTP on a free port of 127.0.0.1; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(build_app(model, LIMITS), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(build_app(model, limits), host="127.0.0.1", port=port, log_level="warning")
     running = uvicorn.Server(config)
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
@@ -38,9 +39,18 @@ def server():
     while not running.started:
         assert thread.is_alive() and time.time() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield model, f"http://127.0.0.1:{port}"
-    running.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        running.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = random_model("gpt2")
+    with serving(model) as url:
+        yield model, url
 
 
 def call(url, path, body=None, raw=None, content_type="application/json", timeout=60):
@@ -127,7 +137,7 @@ def test_bad_score_and_embed_requests_get_a_4xx_naming_the_field(server):
         ("/v1/score", {"texts": ["a"] * 9}, "texts"),
         ("/v1/score", {"texts": [1, 2]}, "texts.0"),
         ("/v1/embed", {"texts": ["a", ""]}, "texts.1"),
-        ("/v1/embed", {"texts": ["a"], "pooling": "max"}, "pooling"),
+        ("/v1/embed", {"texts": ["a"], "pooling": "cls"}, "pooling"),
         ("/v1/score", {"texts": ["a", "\ud800"]}, "texts.1"),  # a lone surrogate, escaped in JSON
         ("/v1/embed", {"texts": ["\udfff"]}, "texts.0"),
         ("/v1/score", {"texts": ["a", ""]}, "texts.1"),  # no token, so no perplexity

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from t2x.config import Config, ConfigError, MeshConfig, load_config
 from t2x.data.tokenizer import Tokenizer, from_files
 from t2x.export import Exported, check_shapes, read
-from t2x.models import abstract_params, build_model
+from t2x.families import task
+from t2x.models import abstract_params
 from t2x.models.layers import compute_dtype
 from t2x.parallel import logical_to_shardings, make_mesh, sharding_context
 
@@ -36,6 +37,16 @@ class InferenceModel:
     tokenizer: Tokenizer
     mesh: Mesh
     source: dict  # kind (export or run), path, step or manifest
+
+    @property
+    def generates(self) -> bool:
+        """Whether it is a decoder language model (generate, score)."""
+        return self.cfg.model.family == "decoder" and not self.cfg.classify.enabled
+
+    @property
+    def classifies(self) -> bool:
+        """Whether it is a fine-tuned classifier (classify)."""
+        return self.cfg.classify.enabled
 
     @property
     def context(self) -> int:
@@ -88,7 +99,7 @@ def place(exported: Exported, mesh_cfg: MeshConfig | None = None, devices=None) 
         wanted = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
         devices = jax.local_devices()[: wanted if wanted > 0 else None]
     mesh = make_mesh(mesh_cfg, devices)
-    module = build_model(cfg.model)
+    module = task(cfg).model(cfg.model)
     tokenizer = from_files(exported.tokenizer_files, source=f"{exported.source['path']}")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {cfg.model.vocab_size}")

@@ -1,4 +1,4 @@
-"""Scoring and embedding texts.
+"""Scoring, embedding and classifying texts.
 
 Scoring follows training's convention: a text is the sequence BOS, its tokens (and, with
 ``eos``, the end-of-text token), and each token is predicted from everything before it.
@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t2x.config import ModelConfig
 from t2x.infer.engine import RequestError, bucket
 from t2x.infer.model import InferenceModel
-from t2x.models import build_model
 from t2x.objectives import token_losses
 from t2x.parallel import sharding_context
 
@@ -61,20 +59,26 @@ def windows(text_index: int, ids: list[int], bos: int, window: int, stride: int)
         start += stride
 
 
+POOLINGS = {"decoder": ("mean", "last", "max"), "encoder": ("cls", "mean", "max")}
+
+
 @functools.cache
-def _programs(cfg: ModelConfig):
-    """The jitted scoring and hidden-state functions of a model config, shared by every scorer of it."""
-    module = build_model(cfg)
+def _programs(module):
+    """The jitted scoring, hidden-state and class-probability functions of a model,
+    shared by every scorer of it."""
 
     def log_probs(params, inputs, targets, weights):
         logits = module.apply({"params": params}, inputs)
         nll, _ = token_losses(logits, targets)
         return -(nll * weights).sum(axis=-1)
 
-    def hidden(params, inputs):
-        return module.apply({"params": params}, inputs, hidden=True).astype(jnp.float32)
+    def hidden(params, inputs, segment_ids):
+        return module.apply({"params": params}, inputs, None, segment_ids, hidden=True).astype(jnp.float32)
 
-    return jax.jit(log_probs), jax.jit(hidden)
+    def probabilities(params, inputs, segment_ids):
+        return jax.nn.softmax(module.apply({"params": params}, inputs, None, segment_ids)[:, 0], axis=-1)
+
+    return jax.jit(log_probs), jax.jit(hidden), jax.jit(probabilities)
 
 
 class Scorer:
@@ -97,13 +101,17 @@ class Scorer:
             raise RequestError("stride", f"must be between 1 and the window {self.window}, got {self.stride}")
         ways = model.batch_ways
         self.batch_size = -(-batch_size // ways) * ways
-        self._log_probs, self._hidden = _programs(model.cfg.model)
-
-    def _rows(self, count: int) -> int:
-        return -(-count // self.batch_size) * self.batch_size
+        self._log_probs, self._hidden, self._probabilities = _programs(model.module)
 
     def score(self, texts: Sequence[str], eos: bool = False) -> list[Score]:
-        """Log-likelihood, token count, perplexity and bits per byte of each text."""
+        """Log-likelihood, token count, perplexity and bits per byte of each text.
+
+        Raises:
+          RequestError: the model is not a decoder language model.
+        """
+        if not self.model.generates:
+            raise RequestError("model", "only a decoder language model scores texts; this is "
+                               + _kind(self.model))
         tok = self.model.tokenizer
         encoded = tok.encode(list(texts))
         todo = []
@@ -134,33 +142,77 @@ class Scorer:
             out.append(Score(ll, n, size, math.exp(-ll / n) if n else float("nan"), -ll / LN2 / size if size else None))
         return out
 
+    def _sequences(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text as the model reads it: BOS and its tokens, and for encoders and
+        classifiers EOS after them ([CLS] text [SEP]), cut to the context."""
+        tok, context = self.model.tokenizer, self.model.context
+        closed = self.model.cfg.model.family == "encoder" or self.model.classifies
+        out = []
+        for i, ids in enumerate(tok.encode(list(texts))):
+            if not ids:
+                raise RequestError("texts", f"text {i} is empty: it has no token")
+            out.append([tok.bos_id, *ids[: context - 2], tok.eos_id] if closed else [tok.bos_id, *ids[: context - 1]])
+        return out
+
+    def _batches(self, rows: list[list[int]]):
+        """(first row index, inputs, segment ids) per batch, padded to a bucketed length."""
+        for first in range(0, len(rows), self.batch_size):
+            chunk = rows[first : first + self.batch_size]
+            length = bucket(max(len(r) for r in chunk), self.model.context)
+            inputs = np.zeros((self.batch_size, length), np.int32)
+            segment_ids = np.zeros_like(inputs)
+            for r, ids in enumerate(chunk):
+                inputs[r, : len(ids)], segment_ids[r, : len(ids)] = ids, 1
+            yield first, inputs, segment_ids
+
     def embed(self, texts: Sequence[str], pooling: str = "mean", normalize: bool = False) -> np.ndarray:
-        """One vector per text [len(texts), d_model] (float32): the final-norm hidden
-        states of its tokens, averaged (``mean``) or of its last token (``last``); texts
-        longer than the context are cut to their first ``context - 1`` tokens.
+        """One vector per text [len(texts), d_model] (float32), pooled from the model's
+        final hidden states: ``mean`` or ``max`` over the text's tokens (BOS and EOS left
+        out), the first token's (``cls``, encoders: [CLS]) or the last token's (``last``,
+        decoders). Texts longer than the context are cut to fit it.
 
         Raises:
-          RequestError: an unknown pooling, or an empty text (it has no token to pool).
+          RequestError: a pooling the model's family lacks, a classifier, or an empty text.
         """
-        if pooling not in ("mean", "last"):
-            raise RequestError("pooling", f"must be mean or last, got {pooling!r}")
-        tok = self.model.tokenizer
-        encoded = [ids[: self.model.context - 1] for ids in tok.encode(list(texts))]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise RequestError("texts", f"text {i} is empty: it has no token to embed")
+        family = self.model.cfg.model.family
+        if self.model.classifies:
+            raise RequestError("model", "a classifier classifies texts; embed with the model it was fine-tuned from")
+        if pooling not in POOLINGS[family]:
+            raise RequestError("pooling", f"{_kind(self.model)} pools {', '.join(POOLINGS[family])}, got {pooling!r}")
+        rows = self._sequences(texts)
+        text_end = -1 if family == "encoder" else None  # an encoder's rows end with EOS
         out = np.zeros((len(texts), self.model.cfg.model.d_model), np.float32)
-        for first in range(0, len(texts), self.batch_size):
-            chunk = encoded[first : first + self.batch_size]
-            length = bucket(1 + max(len(ids) for ids in chunk), self.model.context)
-            inputs = np.zeros((self.batch_size, length), np.int32)
-            for r, ids in enumerate(chunk):
-                inputs[r, : 1 + len(ids)] = [tok.bos_id, *ids]
+        for first, inputs, segment_ids in self._batches(rows):
             with sharding_context(self.model.mesh):
-                states = np.asarray(jax.device_get(self._hidden(self.model.params, inputs)))
-            for r, ids in enumerate(chunk):
-                tokens = states[r, 1 : 1 + len(ids)]  # the text's tokens, BOS left out
-                out[first + r] = tokens.mean(axis=0) if pooling == "mean" else tokens[-1]
+                states = np.asarray(jax.device_get(self._hidden(self.model.params, inputs, segment_ids)))
+            for r, ids in enumerate(rows[first : first + self.batch_size]):
+                tokens = states[r, 1 : len(ids)][:text_end]  # the text's tokens
+                out[first + r] = {"mean": lambda: tokens.mean(0), "max": lambda: tokens.max(0),
+                                  "last": lambda: tokens[-1], "cls": lambda: states[r, 0]}[pooling]()
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         return out
+
+    def classify(self, texts: Sequence[str]) -> list[dict]:
+        """Each text's most probable label and every label's probability.
+
+        Raises:
+          RequestError: the model is not a classifier, or a text is empty.
+        """
+        if not self.model.classifies:
+            raise RequestError("model", f"only a fine-tuned classifier classifies texts; this is {_kind(self.model)}")
+        labels = self.model.cfg.classify.labels
+        rows = self._sequences(texts)
+        out = []
+        for first, inputs, segment_ids in self._batches(rows):
+            with sharding_context(self.model.mesh):
+                probs = np.asarray(jax.device_get(self._probabilities(self.model.params, inputs, segment_ids)))
+            for r in range(min(self.batch_size, len(rows) - first)):
+                out.append({"label": labels[int(probs[r].argmax())],
+                            "probabilities": {label: float(p) for label, p in zip(labels, probs[r])}})
+        return out
+
+
+def _kind(model: InferenceModel) -> str:
+    family = model.cfg.model.family
+    return f"a {family} classifier" if model.classifies else f"an {family}" if family[0] in "aeiou" else f"a {family}"

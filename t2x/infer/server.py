@@ -6,8 +6,11 @@ for the devices:
 - **generate**: a fixed number of decode slots (``Engine``). A new request is prefilled
   into a free slot and joins the running batch at the next decode step; a finished or
   abandoned request frees its slot at once.
-- **score** and **embed**: requests that arrive within ``batch_wait_ms`` of each other
-  (up to ``max_batch`` texts) run as one batch, between decode steps.
+- **score**, **embed** and **classify**: requests that arrive within ``batch_wait_ms``
+  of each other (up to ``max_batch`` texts) run as one batch, between decode steps.
+
+A decoder language model generates, scores and embeds; an encoder embeds; a fine-tuned
+classifier classifies. A request for what the model does not do gets a 422.
 
 Prompts are padded to bucket lengths (16, 32, ... up to the context) and batches to
 fixed sizes, so after ``warm_up`` nothing compiles per request.
@@ -34,7 +37,7 @@ from t2x.config import to_dict
 from t2x.infer.engine import Engine, RequestError
 from t2x.infer.model import InferenceModel
 from t2x.infer.sampling import Sampling
-from t2x.infer.score import Scorer
+from t2x.infer.score import POOLINGS, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,18 @@ class ScoreBody(BaseModel):
 class EmbedBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     texts: list[str] = Field(min_length=1)
-    pooling: Literal["mean", "last"] = "mean"
+    pooling: Literal["mean", "last", "cls", "max"] = "mean"  # decoders: mean, last, max; encoders: cls, mean, max
     normalize: bool = False
+
+
+class ClassifyBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    texts: list[str] = Field(min_length=1)
 
 
 @dataclasses.dataclass
 class _Job:
-    kind: str  # generate | score | embed
+    kind: str  # generate | score | embed | classify
     payload: Any
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
@@ -110,7 +118,7 @@ class Worker:
 
     def __init__(self, model: InferenceModel, limits: Limits):
         self.model, self.limits = model, limits
-        self.engine = Engine(model, limits.slots)
+        self.engine = Engine(model, limits.slots) if model.generates else None  # decoders generate
         self.scorer = Scorer(model, batch_size=limits.max_batch)
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue)
         self.waiting: list[_Job] = []  # generate jobs waiting for a slot
@@ -127,12 +135,17 @@ class Worker:
 
     def warm_up(self) -> None:
         """Compile every shape a request can need: prefill and decode (``Engine.warm_up``),
-        and each score and embed bucket."""
-        self.engine.warm_up()
+        and each score and embed (or classify) bucket."""
+        if self.engine is not None:
+            self.engine.warm_up()
         text = "x"
         while True:
-            self.scorer.score([text])
-            self.scorer.embed([text])
+            if self.model.generates:
+                self.scorer.score([text])
+            if self.model.classifies:
+                self.scorer.classify([text])
+            else:
+                self.scorer.embed([text])
             if len(self.model.tokenizer.encode([text])[0]) + 1 >= self.model.context:
                 break
             text = text * 2
@@ -141,14 +154,15 @@ class Worker:
 
     def _run(self) -> None:
         while not self.stopping:
-            block = not self.engine.busy() and not self.waiting
-            self._take_jobs(block)
+            generating = self.engine is not None and self.engine.busy()
+            self._take_jobs(block=not generating and not self.waiting)
             batch = [j for j in self.waiting if j.kind != "generate"]
             if batch:
                 self._batch(batch)
-            self._admit()
-            if self.engine.busy():
-                self._step()
+            if self.engine is not None:
+                self._admit()
+                if self.engine.busy():
+                    self._step()
 
     def _take_jobs(self, block: bool) -> None:
         try:
@@ -170,8 +184,8 @@ class Worker:
                 return
 
     def _batch(self, jobs: list[_Job]) -> None:
-        """Score or embed the waiting requests together, up to max_batch texts per kind."""
-        for kind in ("score", "embed"):
+        """Score, embed or classify the waiting requests together, up to max_batch texts per kind."""
+        for kind in ("score", "embed", "classify"):
             group = [j for j in jobs if j.kind == kind and not j.cancelled]
             while group:
                 taken, texts = [], 0
@@ -192,6 +206,11 @@ class Worker:
                     results.append(iter(self.scorer.score(picked, eos=flag)) if picked else iter(()))
                 for j, e in zip(jobs, eos):
                     j.finish({"scores": [next(results[int(e)]).to_json() for _ in j.payload.texts]})
+                return
+            if kind == "classify":
+                classes = iter(self.scorer.classify(texts))
+                for j in jobs:
+                    j.finish({"classes": [next(classes) for _ in j.payload.texts]})
                 return
             for key in sorted({(j.payload.pooling, j.payload.normalize) for j in jobs}):
                 same = [j for j in jobs if (j.payload.pooling, j.payload.normalize) == key]
@@ -316,7 +335,7 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
         yield
         worker.stop()
 
-    app = FastAPI(title="t2x", description="Generate, score and embed with a t2x model.", lifespan=lifespan)
+    app = FastAPI(title="t2x", description="Generate, score, embed and classify with a t2x model.", lifespan=lifespan)
     app.state.worker = worker
 
     @app.exception_handler(RequestValidationError)
@@ -379,6 +398,8 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
     async def generate(body: GenerateBody, request: Request):
         """Continue a prompt. With "stream": true, server-sent events: {"text": ...} per
         new piece of text, then {"done": true, ...the result}."""
+        if worker.engine is None:
+            raise RequestError("model", "this model does not generate: only a decoder language model does")
         wanted = min(64, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
         sampling = Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, tuple(body.stop))
         for field, problem in sampling.problems(limits.max_new_tokens):
@@ -408,6 +429,8 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
     @app.post("/v1/score")
     async def score(body: ScoreBody, request: Request):
         """Log-likelihood, tokens, bytes, perplexity and bits per byte of each text."""
+        if not model.generates:
+            raise RequestError("model", "this model does not score texts: only a decoder language model does")
         _check_texts(body.texts, limits)
         for i, text in enumerate(body.texts):
             if not text and not body.eos:  # no token: its perplexity would be NaN, which JSON cannot carry
@@ -416,12 +439,30 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
 
     @app.post("/v1/embed")
     async def embed(body: EmbedBody, request: Request):
-        """One vector per text: mean or last-token pooling of its final hidden states."""
+        """One vector per text, pooled from its final hidden states: decoders mean, max or
+        last token; encoders cls, mean or max."""
+        if model.classifies:
+            raise RequestError("model", "a classifier classifies texts (/v1/classify); embed with the model it was "
+                               "fine-tuned from")
+        pools = POOLINGS[model.cfg.model.family]
+        if body.pooling not in pools:
+            raise RequestError("pooling", f"this {model.cfg.model.family} pools {', '.join(pools)}")
         _check_texts(body.texts, limits)
         for i, text in enumerate(body.texts):
             if not text:
                 raise RequestError(f"texts.{i}", "is empty: it has no token to embed")
         return await wait(submit("embed", body), request)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyBody, request: Request):
+        """A fine-tuned classifier's label and per-label probabilities for each text."""
+        if not model.classifies:
+            raise RequestError("model", "this model is not a fine-tuned classifier (t2x finetune makes one)")
+        _check_texts(body.texts, limits)
+        for i, text in enumerate(body.texts):
+            if not text:
+                raise RequestError(f"texts.{i}", "is empty: it has no token to classify")
+        return await wait(submit("classify", body), request)
 
     return _BodyLimit(app, limits.max_body_bytes) if limits.max_body_bytes else app
 
@@ -447,6 +488,10 @@ def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limi
     worker = Worker(model, limits)
     started = time.monotonic()
     worker.warm_up()
-    log.info("compiled prefill and decode at lengths %s for up to %d prompts, and score/embed batches of %d, "
-             "in %.1f s", worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
+    if worker.engine is not None:
+        log.info("compiled prefill and decode at lengths %s for up to %d prompts, and score/embed batches of %d, "
+                 "in %.1f s", worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
+    else:
+        log.info("compiled %s batches of %d in %.1f s", "classify" if model.classifies else "embed",
+                 limits.max_batch, time.monotonic() - started)
     uvicorn.run(build_app(model, limits, worker), host=host, port=port, log_level="info")

@@ -69,7 +69,7 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
                 f"(mesh.data={mesh.shape['data']} x mesh.fsdp={mesh.shape['fsdp']})"
             )
     tokenizer = shared_tokenizer(tokenizer_spec or cfg.data.tokenizer)
-    reserved = family(cfg.model.family).reserved_ids(tokenizer)
+    reserved = family(cfg.model.family).reserved_ids(cfg, tokenizer)
     needed = max([tokenizer.vocab_size - 1, *reserved]) + 1
     if needed > cfg.model.vocab_size:
         extra = f" and the {cfg.model.family}'s {len(reserved)} reserved token(s) after them" if reserved else ""

@@ -128,6 +128,7 @@ class DataConfig:
     eval_split: str = "validation"
     tokenizer: str = "builtin:4096"  # path to a SentencePiece .model, or builtin:VOCAB_SIZE
     seq_len: int = 1024
+    target_seq_len: Optional[int] = None  # encoder-decoders: decoder row length (None: what seq_len's inputs need)
     num_shards: int = 8  # logical data shards; any process count dividing it reads the same batches
     block_docs: int = 256  # documents tokenized and packed together; rows shuffle within a block
     doc_shuffle_buffer: int = 1024  # documents; 0 disables document shuffling
@@ -152,6 +153,8 @@ class DataConfig:
         for key in ("seq_len", "num_shards", "block_docs", "prefetch", "max_document_bytes"):
             _require(getattr(self, key) > 0, f"data.{key} must be positive, got {getattr(self, key)}")
         _require(self.doc_shuffle_buffer >= 0, "data.doc_shuffle_buffer must be >= 0")
+        _require(self.target_seq_len is None or self.target_seq_len >= 2,
+                 f"data.target_seq_len must be at least 2 or null, got {self.target_seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +312,8 @@ class ObjectiveConfig:
     random_token_rate: float = 0.1  # of the chosen: replaced by a random token (the rest stay)
     whole_word_masking: bool = False  # choose whole words (every piece of a word, or none)
     eval_seed: int = 0  # masks of held-out evaluation: the same for every evaluation
+    noise_density: float = 0.15  # span corruption: share of a piece's tokens that are noise
+    mean_span_length: float = 3.0  # span corruption: mean length of a noise span
 
     def __post_init__(self):
         _require(0.0 < self.mask_rate < 1.0, f"objective.mask_rate must be in (0, 1), got {self.mask_rate}")
@@ -320,6 +325,8 @@ class ObjectiveConfig:
             f"(got {self.mask_token_rate} + {self.random_token_rate})",
         )
         _require(self.eval_seed >= 0, f"objective.eval_seed must be >= 0, got {self.eval_seed}")
+        _require(0.0 < self.noise_density < 1.0, f"objective.noise_density must be in (0, 1), got {self.noise_density}")
+        _require(self.mean_span_length >= 1.0, f"objective.mean_span_length must be >= 1, got {self.mean_span_length}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ class Evaluator:
             check_data(self.source, cfg.data, every_shard=False)
             self.stats = DataStats(strict=cfg.data.strict)
             self.dataset = eval_dataset(self.source, tokenizer, cfg.data, self.batch_size, rows, self.stats,
-                                        cache=self.max_batches is None, row_format=family(cfg.model.family).rows)
+                                        cache=self.max_batches is None, row_format=family(cfg.model.family).rows(cfg, tokenizer))
             self.batches = self.dataset.as_numpy_iterator
         self.step = jax.jit(
             make_eval_step(model, cfg, tokenizer),

@@ -41,22 +41,23 @@ class Family:
 
     Attributes:
       model: builds the Flax module from ``ModelConfig`` (the module class, for families).
-      rows: the row features and how tokenized documents become them.
+      rows: ``(cfg, tokenizer) -> RowFormat``: the row features and how tokenized
+        documents become them.
       objective: ``(cfg, tokenizer) -> fn(batch, rng) -> example``, the example holding
         ``model`` (keyword inputs), ``targets`` and ``weights``.
       eval_sums: ``(cfg, tokenizer) -> fn(logits, example, batch) -> sums`` of one batch.
       summarize: host-side sums over a split -> metrics.
-      reserved_ids: ``(tokenizer) -> ids`` past the tokenizer's vocabulary that the
-        objective uses (a mask token the tokenizer lacks); the model's vocabulary must
-        hold them.
+      reserved_ids: ``(cfg, tokenizer) -> ids`` past the tokenizer's vocabulary that
+        the objective uses (a mask token the tokenizer lacks, sentinels); the model's
+        vocabulary must hold them.
     """
 
     model: Callable[..., Any]
-    rows: RowFormat
+    rows: Callable[[Config, Tokenizer], RowFormat]
     objective: Callable[[Config, Tokenizer], Callable[[Batch, jax.Array], Batch]]
     eval_sums: Callable[[Config, Tokenizer], Callable[[jax.Array, Batch, Batch], dict]]
     summarize: Callable[[dict], dict]
-    reserved_ids: Callable[[Tokenizer], list[int]] = lambda tokenizer: []
+    reserved_ids: Callable[[Config, Tokenizer], list[int]] = lambda cfg, tokenizer: []
 
 
 # decoder: causal LM over documents each followed by EOS.
@@ -106,7 +107,7 @@ def _decoder_summary(sums: dict) -> dict:
 # encoder: masked LM over documents each as BOS text EOS ([CLS] text [SEP]).
 
 
-def _mask_reserved(tokenizer: Tokenizer) -> list[int]:
+def _mask_reserved(cfg: Config, tokenizer: Tokenizer) -> list[int]:
     return [] if tokenizer.mask_id is not None else [tokenizer.vocab_size]
 
 
@@ -149,8 +150,8 @@ def _encoder_summary(sums: dict) -> dict:
 
 
 FAMILIES: dict[str, Family] = {
-    "decoder": Family(DecoderLM, DOCUMENTS, _causal_lm, _next_token_sums, _decoder_summary),
-    "encoder": Family(EncoderMLM, BOS_DOCUMENTS, _masked_lm, _masked_token_sums, _encoder_summary,
+    "decoder": Family(DecoderLM, lambda cfg, tokenizer: DOCUMENTS, _causal_lm, _next_token_sums, _decoder_summary),
+    "encoder": Family(EncoderMLM, lambda cfg, tokenizer: BOS_DOCUMENTS, _masked_lm, _masked_token_sums, _encoder_summary,
                       _mask_reserved),
 }
 

@@ -74,21 +74,30 @@ class RowFormat:
     """How a family's tokenized documents become rows (``t2x.families``).
 
     Attributes:
-      features: names of the row features ``pack`` returns; each is int32 [seq_len],
-        except ``num_bytes`` (int32 per row). ``segment_ids`` is 0 on padding.
-      pack: ``(documents, token_bytes, seq_len, tokenizer) -> rows`` (one array per
-        feature), for the documents of one block; arguments as ``pack_documents``.
+      features: names of the row features ``pack`` returns; each is int32 [seq_len]
+        (or [lengths[name]]), except ``num_bytes`` (int32 per row). ``segment_ids`` is 0
+        on padding.
+      pack: ``(documents, token_bytes, seq_len, tokenizer, rng) -> rows`` (one array per
+        feature) for the documents of one block; ``documents`` and ``token_bytes`` as
+        ``pack_documents`` takes them, ``rng`` a generator seeded by the block's place in
+        the data (for objectives that draw, such as span corruption).
+      lengths: features whose rows are not ``data.seq_len`` long, and their lengths.
     """
 
     features: tuple[str, ...]
     pack: Callable[..., dict[str, np.ndarray]]
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def shape(self, name: str, seq_len: int) -> list[int]:
+        """The per-row shape of feature ``name``."""
+        return [] if name == "num_bytes" else [self.lengths.get(name, seq_len)]
 
 
-def _documents(documents, token_bytes, seq_len: int, tokenizer) -> dict[str, np.ndarray]:
+def _documents(documents, token_bytes, seq_len: int, tokenizer, rng) -> dict[str, np.ndarray]:
     return pack_documents(documents, token_bytes, seq_len, tokenizer.eos_id)
 
 
-def _bos_documents(documents, token_bytes, seq_len: int, tokenizer) -> dict[str, np.ndarray]:
+def _bos_documents(documents, token_bytes, seq_len: int, tokenizer, rng) -> dict[str, np.ndarray]:
     return pack_documents([[tokenizer.bos_id, *d] for d in documents],
                           [np.concatenate([[0], b]) for b in token_bytes], seq_len, tokenizer.eos_id)
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _META = "meta"  # per row: epoch, block, row within block, rows in block
 _EPOCH, _BLOCK = "epoch", "block"  # per packed block, before rows are split out
 _ENDLESS = 1 << 62
+_OBJECTIVE_STREAM = 0x5350414E  # the packer's draws (span corruption), apart from the row shuffle's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,9 @@ def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: 
             list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
         )
         documents = tokenizer.encode(texts)
-        rows = row_format.pack(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer)
+        draws = np.random.default_rng([seed, shard, int(epoch), int(block), _OBJECTIVE_STREAM])
+        rows = row_format.pack(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer,
+                               draws)
         count = len(rows["num_bytes"])
         if shuffle and count > 1:
             order = np.random.default_rng([seed, shard, int(epoch), int(block)]).permutation(count)
@@ -156,7 +159,7 @@ def shard_rows(
         )
         rows = dict(zip(row_format.features, features))
         for name, x in rows.items():
-            x.set_shape([None] if name == "num_bytes" else [None, seq_len])
+            x.set_shape([None, *row_format.shape(name, seq_len)])
         meta.set_shape([None, 4])
         return {**rows, _META: meta, _EPOCH: epoch, _BLOCK: block}
 
@@ -357,7 +360,7 @@ def eval_dataset(
     ``data_errors(stats)``. ``row_format``: the family's row features.
     """
     layout = RowLayout(global_batch_size, cfg.num_shards, rows)
-    padding_row = {name: tf.zeros([] if name == "num_bytes" else [cfg.seq_len], tf.int32) for name in row_format.features}
+    padding_row = {name: tf.zeros(row_format.shape(name, cfg.seq_len), tf.int32) for name in row_format.features}
     padding = tf.data.Dataset.from_tensors({**padding_row, _META: tf.constant([-1, -1, -1, -1], tf.int64)}).repeat()
     streams = []
     for k in layout.shards:

@@ -157,7 +157,7 @@ class _Run:
                                            0 if resumed is None else resumed.step)
         else:
             self.batches = TrainBatches(self.source, c.tokenizer, cfg.data, batch_size, cfg.train.seed, rows, positions,
-                                        fam.rows)
+                                        fam.rows(cfg, c.tokenizer))
         objective = fam.objective(cfg, c.tokenizer)
         self.train_step = jit_train_step(make_train_step(c.model, self.tx, self.schedule, cfg, objective),
                                          self.shardings, c.mesh)

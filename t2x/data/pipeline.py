@@ -103,7 +103,8 @@ def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: 
             list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
         )
         documents = tokenizer.encode(texts)
-        draws = np.random.default_rng([seed, shard, int(epoch), int(block), _OBJECTIVE_STREAM])
+        # block + 1: the end-of-epoch marker is block -1 (and holds no documents)
+        draws = np.random.default_rng([seed, shard, int(epoch), int(block) + 1, _OBJECTIVE_STREAM])
         rows = row_format.pack(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer,
                                draws)
         count = len(rows["num_bytes"])

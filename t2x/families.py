@@ -30,7 +30,8 @@ from t2x.data.packing import BOS_DOCUMENTS, DOCUMENTS, RowFormat
 from t2x.data.tokenizer import Tokenizer
 from t2x.models.decoder import DecoderLM
 from t2x.models.encoder import EncoderMLM
-from t2x.objectives import MaskingTokens, causal_lm, masked_lm, token_losses
+from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, raw_length
+from t2x.objectives import MaskingTokens, causal_lm, masked_lm, sequence_to_sequence, token_losses
 
 Batch = dict[str, Any]
 
@@ -126,7 +127,10 @@ def _masked_lm(cfg: Config, tokenizer: Tokenizer):
     return lambda batch, rng: masked_lm(batch, tokens, cfg.objective, rng)
 
 
-def _masked_token_sums(cfg: Config, tokenizer: Tokenizer):
+def _weighted_token_sums(cfg: Config, tokenizer: Tokenizer):
+    """Sums over the tokens of weight 1: the masked ones of an encoder, the targets of an
+    encoder-decoder."""
+
     def sums(logits, example, batch):
         nll, _ = token_losses(logits, example["targets"])
         chosen = example["weights"] > 0
@@ -139,20 +143,52 @@ def _masked_token_sums(cfg: Config, tokenizer: Tokenizer):
     return sums
 
 
-def _encoder_summary(sums: dict) -> dict:
+def _predicted_token_summary(sums: dict) -> dict:
     loss = float(sums["nll_sum"]) / int(sums["tokens"])
     return {
-        "loss": loss,  # mean NLL of the masked tokens
+        "loss": loss,  # mean NLL of the masked (or target) tokens
         "perplexity": math.exp(loss) if loss < 700 else None,
-        "accuracy": int(sums["correct"]) / int(sums["tokens"]),  # masked tokens predicted exactly
+        "accuracy": int(sums["correct"]) / int(sums["tokens"]),  # of them, predicted exactly
         "tokens": int(sums["tokens"]),
     }
 
 
+# encoder_decoder: span corruption (T5) into encoder and decoder rows, teacher forcing.
+
+
+def span_corruption(cfg: Config, tokenizer: Tokenizer) -> SpanCorruption:
+    """The span corruption of ``cfg``: rows of ``data.seq_len`` input tokens and
+    ``data.target_seq_len`` target tokens (default: what a full input row's targets
+    need), sentinels the ids right past the tokenizer's vocabulary."""
+    o, d = cfg.objective, cfg.data
+    target_len = d.target_seq_len or corrupted_lengths(
+        raw_length(d.seq_len, None, o.noise_density, o.mean_span_length), o.noise_density, o.mean_span_length)[1]
+    return SpanCorruption(o.noise_density, o.mean_span_length, d.seq_len, target_len, tokenizer.vocab_size)
+
+
+def _span_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
+    corruption = span_corruption(cfg, tokenizer)
+    target = {name: corruption.target_len for name in ("targets", "target_segment_ids", "target_positions")}
+    return RowFormat(
+        ("tokens", "segment_ids", "positions", *target, "num_bytes"),
+        lambda documents, token_bytes, seq_len, tok, rng: corruption.pack(documents, token_bytes, rng, tok.eos_id),
+        target,
+    )
+
+
+def _sentinels(cfg: Config, tokenizer: Tokenizer) -> list[int]:
+    corruption = span_corruption(cfg, tokenizer)
+    return list(range(corruption.first_sentinel, corruption.first_sentinel + corruption.sentinels))
+
+
+def _sequence_to_sequence(cfg: Config, tokenizer: Tokenizer):
+    return lambda batch, rng: sequence_to_sequence(batch, tokenizer.bos_id)
+
+
 FAMILIES: dict[str, Family] = {
     "decoder": Family(DecoderLM, lambda cfg, tokenizer: DOCUMENTS, _causal_lm, _next_token_sums, _decoder_summary),
-    "encoder": Family(EncoderMLM, lambda cfg, tokenizer: BOS_DOCUMENTS, _masked_lm, _masked_token_sums, _encoder_summary,
-                      _mask_reserved),
+    "encoder": Family(EncoderMLM, lambda cfg, tokenizer: BOS_DOCUMENTS, _masked_lm, _weighted_token_sums,
+                      _predicted_token_summary, _mask_reserved),
 }
 
 

@@ -102,3 +102,27 @@ def masked_lm(batch: dict[str, jax.Array], tokens: MaskingTokens, cfg: Objective
         "targets": ids,
         "weights": chosen.astype(jnp.float32),
     }
+
+
+def sequence_to_sequence(batch: dict[str, jax.Array], start_id: int) -> dict[str, jax.Array]:
+    """Teacher forcing for an encoder-decoder: the encoder reads the input rows
+    (``tokens``, ``segment_ids``, ``positions``); the decoder predicts each target token
+    (``targets``, ``target_segment_ids``, ``target_positions``) from the ones before it
+    in its pair, the first from ``start_id``.
+
+    Returns:
+      dict with ``model`` (keyword inputs of ``EncoderDecoder``), ``targets`` and
+      ``weights`` (1.0 on real target tokens, float32).
+    """
+    targets = batch["targets"]
+    previous = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    decoder_tokens = jnp.where(batch["target_positions"] == 0, start_id, previous)
+    return {
+        "model": {
+            "encoder_tokens": batch["tokens"], "encoder_positions": batch["positions"],
+            "encoder_segment_ids": batch["segment_ids"], "decoder_tokens": decoder_tokens,
+            "decoder_positions": batch["target_positions"], "decoder_segment_ids": batch["target_segment_ids"],
+        },
+        "targets": targets,
+        "weights": (batch["target_segment_ids"] > 0).astype(jnp.float32),
+    }

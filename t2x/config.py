@@ -311,6 +311,7 @@ class ObjectiveConfig:
     mask_token_rate: float = 0.8  # of the chosen: replaced by the mask token
     random_token_rate: float = 0.1  # of the chosen: replaced by a random token (the rest stay)
     whole_word_masking: bool = False  # choose whole words (every piece of a word, or none)
+    next_sentence: bool = False  # encoders: also predict whether B follows A in [CLS] A [SEP] B [SEP] pairs
     eval_seed: int = 0  # masks of held-out evaluation: the same for every evaluation
     noise_density: float = 0.15  # span corruption: share of a piece's tokens that are noise
     mean_span_length: float = 3.0  # span corruption: mean length of a noise span
@@ -404,6 +405,10 @@ class Config:
                      f"classify: model.family={self.model.family} has no classification head yet; use an encoder or decoder")
             _require(pooling != "cls" or self.model.family == "encoder",
                      "classify.pooling=cls pools an encoder's first ([CLS]) token; a decoder pools last or mean")
+        if self.objective.next_sentence:
+            _require(self.model.family == "encoder" and self.model.type_vocab_size >= 2,
+                     "objective.next_sentence pairs sentences A and B in an encoder: set model.family=encoder and "
+                     "model.type_vocab_size=2")
         if self.model.family == "encoder":
             _require(
                 self.data.seq_len >= 4,

@@ -26,7 +26,7 @@ from t2x.data.reader import PROBLEMS, DataError, DataStats
 from t2x.data.sources import Source
 from t2x.data.tokenizer import Tokenizer
 from t2x.data.labelled import eval_batches, read_labelled
-from t2x.families import family, task
+from t2x.families import task
 from t2x.parallel import batch_sharding, host_to_global, process_rows, replicated
 from t2x.parallel.distributed import any_process, sum_over_processes
 
@@ -81,7 +81,7 @@ class Evaluator:
             check_data(self.source, cfg.data, every_shard=False)
             self.stats = DataStats(strict=cfg.data.strict)
             self.dataset = eval_dataset(self.source, tokenizer, cfg.data, self.batch_size, rows, self.stats,
-                                        cache=self.max_batches is None, row_format=family(cfg.model.family).rows(cfg, tokenizer))
+                                        cache=self.max_batches is None, row_format=task(cfg).rows(cfg, tokenizer))
             self.batches = self.dataset.as_numpy_iterator
         self.step = jax.jit(
             make_eval_step(model, cfg, tokenizer),

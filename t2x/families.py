@@ -11,7 +11,9 @@ A family is four pieces, and ``FAMILIES`` is the one table naming them:
 - its **eval metrics**: per-batch sums (added up on the host over a whole split) and the
   summary computed from them.
 
-``decoder``: GPT-style, next-token prediction. ``encoder``: BERT-style, masked LM.
+``decoder``: GPT-style, next-token prediction. ``encoder``: BERT-style, masked LM (and
+next-sentence prediction, with ``objective.next_sentence``). ``task`` picks the pieces a
+config trains with, fine-tuned classifiers included.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from t2x.data.packing import BOS_DOCUMENTS, DOCUMENTS, RowFormat
 from t2x.data.tokenizer import Tokenizer
 from t2x.models.decoder import DecoderLM
 from t2x.models.encoder import EncoderMLM
+from t2x.data.sentence_pairs import SENTENCE_PAIRS
 from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, raw_length
 from t2x.objectives import MaskingTokens, causal_lm, masked_lm, sequence_to_sequence, token_losses
 
@@ -125,6 +128,47 @@ def masking_tokens(tokenizer: Tokenizer, vocab_size: int) -> MaskingTokens:
 def _masked_lm(cfg: Config, tokenizer: Tokenizer):
     tokens = masking_tokens(tokenizer, cfg.model.vocab_size)
     return lambda batch, rng: masked_lm(batch, tokens, cfg.objective, rng)
+
+
+def _masked_lm_and_next_sentence(cfg: Config, tokenizer: Tokenizer):
+    masked = _masked_lm(cfg, tokenizer)
+
+    def example(batch, rng):
+        out = masked(batch, rng)
+        out["model"]["token_types"] = batch["token_types"]
+        first = (batch["positions"] == 0) & (batch["segment_ids"] > 0)  # each pair's [CLS]
+        out["heads"] = {"next_sentence": {"targets": batch["next_sentence"], "weights": first.astype(jnp.float32)}}
+        return out
+
+    return example
+
+
+def _next_sentence_sums(cfg: Config, tokenizer: Tokenizer):
+    tokens = _weighted_token_sums(cfg, tokenizer)
+
+    def sums(outputs, example, batch):
+        logits, heads = outputs
+        head, pair_logits = example["heads"]["next_sentence"], heads["next_sentence"]
+        nll, _ = token_losses(pair_logits, head["targets"])
+        chosen = head["weights"] > 0
+        return {
+            **tokens(logits, example, batch),
+            "pair_nll_sum": jnp.sum(nll * head["weights"]),
+            "pairs": jnp.sum(chosen, dtype=jnp.int32),
+            "pairs_correct": jnp.sum(chosen & (jnp.argmax(pair_logits, -1) == head["targets"]), dtype=jnp.int32),
+        }
+
+    return sums
+
+
+def _next_sentence_summary(sums: dict) -> dict:
+    pairs = int(sums["pairs"])
+    return {
+        **_predicted_token_summary(sums),
+        "next_sentence_loss": float(sums["pair_nll_sum"]) / pairs,
+        "next_sentence_accuracy": int(sums["pairs_correct"]) / pairs,
+        "pairs": pairs,
+    }
 
 
 def _weighted_token_sums(cfg: Config, tokenizer: Tokenizer):
@@ -254,9 +298,13 @@ def classification_summary(sums: dict, labels: tuple[str, ...]) -> dict:
 
 
 def task(cfg: Config) -> Family:
-    """The pieces a run trains with: the model family's own, or, with ``classify.labels``,
-    a classifier on that family's model (its row format is the labelled rows of
-    ``t2x.data.labelled``)."""
+    """The pieces a run trains with: the model family's own; for an encoder with
+    ``objective.next_sentence``, sentence pairs and BERT's next-sentence head besides
+    masked LM; or, with ``classify.labels``, a classifier on that family's model (its row
+    format is the labelled rows of ``t2x.data.labelled``)."""
+    if not cfg.classify.enabled and cfg.objective.next_sentence:
+        return Family(lambda m: EncoderMLM(m, next_sentence=True), lambda cfg, tokenizer: SENTENCE_PAIRS,
+                      _masked_lm_and_next_sentence, _next_sentence_sums, _next_sentence_summary, _mask_reserved)
     if not cfg.classify.enabled:
         return family(cfg.model.family)
     from t2x.models.classifier import Classifier, pooling_of

@@ -188,3 +188,34 @@ def test_encoder_embeddings_pool_each_text_alone_whatever_it_is_batched_with():
         scorer.embed(texts, "last")
     with pytest.raises(RequestError, match="only a decoder language model scores texts; this is an encoder"):
         scorer.score(texts)
+
+
+def test_next_sentence_pairs_are_whole_half_random_and_trained_with_their_head(tmp_path):
+    from t2x.data.sentence_pairs import IS_NEXT, sentence_pairs
+
+    tokenizer = load_tokenizer("builtin:512")
+    rng = np.random.default_rng(0)
+    documents = [list(range(100 * (i + 1), 100 * (i + 1) + n)) for i, n in enumerate([40, 3, 25, 1, 60, 12] * 20)]
+    token_bytes = [np.ones(len(d) + 1, np.int64) for d in documents]
+    rows = sentence_pairs(documents, token_bytes, 32, tokenizer, rng)
+    labels = []
+    for r in range(len(rows["num_bytes"])):
+        seg = rows["segment_ids"][r]
+        for s in set(seg[seg > 0]):
+            tokens, types = rows["tokens"][r][seg == s], rows["token_types"][r][seg == s]
+            label = set(rows["next_sentence"][r][seg == s])
+            assert len(label) == 1 and (rows["positions"][r][seg == s] == np.arange(len(tokens))).all()
+            sep = np.flatnonzero(tokens == tokenizer.eos_id)
+            assert tokens[0] == tokenizer.bos_id and len(sep) == 2 and sep[1] == len(tokens) - 1
+            assert (types == (np.arange(len(tokens)) > sep[0])).all()
+            a, b = tokens[1:sep[0]], tokens[sep[0] + 1:-1]
+            labels.append(label.pop())
+            assert (b[0] == a[-1] + 1) == (labels[-1] == IS_NEXT)  # documents are disjoint runs of ids
+    assert 0.4 < np.mean(labels) < 0.6
+
+    result = train(encoder_config(tmp_path / "nsp", "objective.next_sentence=true", "train.steps=3"))
+    assert result["pairs"] > 0 and 0 <= result["next_sentence_accuracy"] <= 1
+    logged = [json.loads(x) for x in (tmp_path / "nsp" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["next_sentence_loss"] > 0 for r in logged if r["split"] == "train" and "loss" in r)
+    with pytest.raises(ConfigError, match="model.type_vocab_size=2"):
+        encoder_config(tmp_path / "x", "objective.next_sentence=true", "model.type_vocab_size=0")

@@ -20,6 +20,7 @@ class EncoderMLM(nn.Module):
     """
 
     cfg: ModelConfig
+    next_sentence: bool = False  # add BERT's next-sentence head (pooler, then 2 logits) at every position
 
     @nn.compact
     def __call__(
@@ -43,7 +44,9 @@ class EncoderMLM(nn.Module):
           hidden: return the encoder's output states [batch, seq, d_model] instead.
 
         Returns:
-          float32 logits [batch, seq, vocab_size].
+          float32 logits [batch, seq, vocab_size]; with ``next_sentence``, also
+          ``{"next_sentence": float32 [batch, seq, 2]}``: at a pair's first token ([CLS]),
+          the logits of "B follows A" (0) and "B is random" (1).
         """
         cfg = self.cfg
         seq_len = tokens.shape[1]
@@ -71,5 +74,9 @@ class EncoderMLM(nn.Module):
         logits = output_logits(cfg, h, embed)
         bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), jnp.float32)
-        return logits + bias
+        if not self.next_sentence:
+            return logits + bias
+        pooled = jnp.tanh(dense(cfg, cfg.d_model, ("embed", "embed_out"), name="pooler")(x))
+        pair = dense(cfg, 2, ("embed", None), accumulate_float32=True, name="next_sentence")(pooled)
+        return logits + bias, {"next_sentence": pair}
 

@@ -272,6 +272,8 @@ class _Run:
         logged = {
             "loss": float(np.mean([m["loss"] for m in finite])) if finite else None,
             "z_loss": float(np.mean([m["z_loss"] for m in finite])) if finite else None,
+            **{k: float(np.mean([m[k] for m in finite])) if finite else None  # further heads' losses
+               for k in newest if k.endswith("_loss") and k not in ("loss", "z_loss")},
             "grad_norm": float(newest["grad_norm"]),
             "param_norm": float(newest["param_norm"]),
             "learning_rate": float(newest["learning_rate"]),

@@ -20,25 +20,36 @@ Batch = dict[str, jax.Array]
 
 
 def make_objective(model: nn.Module, cfg: Config) -> Callable:
-    """``objective(params, example, total_weight, rng) -> (value, (nll_sum, z_sum))``.
+    """``objective(params, example, total_weight, rng) -> (value, (nll_sum, z_sum, head_sums))``.
 
     ``value`` is (sum of token NLL + ``train.z_loss`` x sum of log(Z)^2) over the
     example's weighted tokens, divided by ``total_weight / grad_accum_steps``: the
-    whole-batch mean, once the micro-batches' gradients are averaged.
+    whole-batch mean, once the micro-batches' gradients are averaged. A model with
+    further heads (BERT's next-sentence prediction) returns ``(logits, {head: logits})``
+    and the example holds ``heads[head]``: ``targets``, ``weights`` and ``total`` (the
+    whole batch's weight); each head adds its own whole-batch mean NLL.
     """
     k = cfg.train.grad_accum_steps
     z_coef = cfg.train.z_loss
     use_dropout = cfg.model.dropout > 0
 
     def objective(params, example, total_weight, rng):
-        logits = model.apply(
+        outputs = model.apply(
             {"params": params}, **example["model"], deterministic=not use_dropout, rngs={"dropout": rng}
         )
+        logits, heads = outputs if isinstance(outputs, tuple) else (outputs, {})
         nll, log_z = token_losses(logits, example["targets"])
         weights = example["weights"]
         nll_sum = jnp.sum(nll * weights)
         z_sum = jnp.sum(jnp.square(log_z) * weights)
-        return (nll_sum + z_coef * z_sum) * (k / total_weight), (nll_sum, z_sum)
+        value = (nll_sum + z_coef * z_sum) * (k / total_weight)
+        head_sums = {}
+        for name, head_logits in heads.items():
+            head = example["heads"][name]
+            head_nll, _ = token_losses(head_logits, head["targets"])
+            head_sums[name] = jnp.sum(head_nll * head["weights"])
+            value += head_sums[name] * (k / jnp.maximum(head["total"], 1.0))
+        return value, (nll_sum, z_sum, head_sums)
 
     return objective
 
@@ -66,15 +77,19 @@ def make_train_step(
         example = objective(batch, data_key(cfg.train.seed, state.step))
         total_weight = jnp.maximum(jnp.sum(example["weights"]), 1.0)
         rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        for head in example.get("heads", {}).values():  # whole-batch weights, before micro-batching
+            head["total"] = jnp.sum(head["weights"])
         if k == 1:
-            grads, (nll_sum, z_sum) = grads_of(state.params, example, total_weight, rng)
+            grads, (nll_sum, z_sum, head_sums) = grads_of(state.params, example, total_weight, rng)
             grad_norm = optax.global_norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         else:
             # [batch, ...] -> [k, batch / k, ...]; micro-batch i takes every k-th row, so
             # each device's rows stay on that device.
-            micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1), example)
+            micro = jax.tree.map(  # a head's whole-batch total goes to every micro-batch
+                lambda x: jnp.broadcast_to(x, (k,)) if x.ndim == 0 else jnp.swapaxes(x.reshape(-1, k, *x.shape[1:]), 0, 1),
+                example)
 
             def micro_step(carry, inputs):
                 params, opt_state = carry
@@ -87,10 +102,11 @@ def make_train_step(
                 updates, opt_state = tx.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), (*sums, optax.global_norm(mean))
 
-            (params, opt_state), (nll_sums, z_sums, norms) = jax.lax.scan(
+            (params, opt_state), (nll_sums, z_sums, head_sums, norms) = jax.lax.scan(
                 micro_step, (state.params, state.opt_state), (micro, jnp.arange(k))
             )
             nll_sum, z_sum, grad_norm = nll_sums.sum(), z_sums.sum(), norms[-1]
+            head_sums = {name: sums.sum() for name, sums in head_sums.items()}
         loss = nll_sum / total_weight
         params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
         skipped = skipped_updates(opt_state)
@@ -105,6 +121,7 @@ def make_train_step(
             "skipped_steps": skipped,
             "params_finite": params_finite,
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite,
+            **{f"{name}_loss": head_sums[name] / jnp.maximum(example["heads"][name]["total"], 1.0) for name in head_sums},
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -103,7 +103,7 @@ def test_z_loss_metric_and_gradient_match_a_float64_reference(tmp_path):
     batch = _batch(seed=1)
     c, state, _, metrics = _one_step(tiny_config(tmp_path, "train.z_loss=0.5"), batch)
     example = causal_lm(batch, c.tokenizer.bos_id)
-    ex = {k: np.asarray(v) for k, v in {**example.pop("model"), **example}.items()}
+    ex = {k: np.asarray(v) for k, v in {**example["model"], **example}.items() if k != "model"}
     weights = ex["weights"]
 
     def objective64(params):  # mean NLL + 0.5 x mean log(Z)^2, in float64 NumPy

@@ -142,6 +142,9 @@ class Engine:
     """
 
     def __init__(self, model: InferenceModel, slots: int = 8):
+        if not model.generates:
+            what = "a classifier" if model.classifies else f"an {model.cfg.model.family}"
+            raise RequestError("model", f"only a decoder language model generates text; this is {what}")
         if slots < 1 or slots % model.batch_ways:
             raise ValueError(f"slots ({slots}) must be a positive multiple of the {model.batch_ways} batch devices")
         self.model, self.slots, self.context = model, slots, model.context

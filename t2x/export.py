@@ -364,13 +364,16 @@ def export_run(
     check_dtype(dtype)  # before the (long) read of the checkpoint, as the output
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if fmt == "stablehlo" and not is_export(run_dir):
+    if fmt != "t2x" and not is_export(run_dir):
         from t2x.rundir import load_run
 
         cfg = load_run(run_dir, [])[0]
-        if cfg.model.family != "decoder" or cfg.classify.enabled:
+        if fmt == "stablehlo" and (cfg.model.family != "decoder" or cfg.classify.enabled):
             raise ExportError("--format stablehlo serializes a decoder language model's logits, prefill and decode; "
                               "export this model with --format t2x")
+        if fmt == "hf" and cfg.classify.enabled:
+            raise ExportError("--format hf does not write fine-tuned classifiers yet; export this one with "
+                              "--format t2x (t2x serve and /v1/classify read it)")
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
     check_output(output)

@@ -122,6 +122,7 @@ class DataConfig:
     format: str = "auto"  # auto (by extension) | text | jsonl | tfrecord | csv | tsv (csv and tsv: classify only)
     text_unit: str = "line"  # text files: a document per line | per file
     text_key: str = "text"  # field of a JSONL object, tf.train.Example or TFDS example
+    target_key: Optional[str] = None  # encoder-decoders: JSONL field of the target; the input is text_key (TSV: 2 columns)
     tfds_name: str = ""
     tfds_data_dir: Optional[str] = None
     train_split: str = "train"
@@ -394,9 +395,12 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}) "
                 "for learned positions",
             )
-        _require(self.data.format not in ("csv", "tsv") or self.classify.enabled,
-                 f"data.format={self.data.format} holds labelled examples, for classify.labels; "
-                 "pretraining reads text, jsonl or tfrecord")
+        _require(self.data.format not in ("csv", "tsv") or self.classify.enabled
+                 or (self.data.format == "tsv" and self.data.target_key is not None),
+                 f"data.format={self.data.format} holds labelled examples (classify.labels) or, tsv, input-target "
+                 "pairs (data.target_key); pretraining reads text, jsonl or tfrecord")
+        _require(self.data.target_key is None or self.model.family == "encoder_decoder",
+                 "data.target_key reads input-target pairs for model.family=encoder_decoder")
         _require(not self.train.sample_tokens or (self.model.family == "decoder" and not self.classify.enabled),
                  "train.sample_tokens: only a decoder language model continues a prompt; set train.sample_tokens=0")
         if self.classify.enabled:

@@ -33,7 +33,7 @@ from t2x.data.tokenizer import Tokenizer
 from t2x.models.decoder import DecoderLM
 from t2x.models.encoder import EncoderMLM
 from t2x.data.sentence_pairs import SENTENCE_PAIRS
-from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, raw_length
+from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, pack_pairs, raw_length
 from t2x.objectives import MaskingTokens, causal_lm, masked_lm, sequence_to_sequence, token_losses
 
 Batch = dict[str, Any]
@@ -210,14 +210,22 @@ def span_corruption(cfg: Config, tokenizer: Tokenizer) -> SpanCorruption:
     return SpanCorruption(o.noise_density, o.mean_span_length, d.seq_len, target_len, tokenizer.vocab_size)
 
 
-def _span_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
+def encoder_decoder_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
+    """Span-corrupted text, or, with ``data.target_key``, the input-target pairs as they
+    are (each followed by EOS), packed into encoder and decoder rows."""
     corruption = span_corruption(cfg, tokenizer)
-    target = {name: corruption.target_len for name in ("targets", "target_segment_ids", "target_positions")}
-    return RowFormat(
-        ("tokens", "segment_ids", "positions", *target, "num_bytes"),
-        lambda documents, token_bytes, seq_len, tok, rng: corruption.pack(documents, token_bytes, rng, tok.eos_id),
-        target,
-    )
+    pairs = cfg.data.target_key is not None
+    target_len = (cfg.data.target_seq_len or cfg.data.seq_len) if pairs else corruption.target_len
+    lengths = {name: target_len for name in ("targets", "target_segment_ids", "target_positions")}
+
+    def pack(documents, token_bytes, seq_len, tok, rng, targets=None):
+        if not pairs:
+            return corruption.pack(documents, token_bytes, rng, tok.eos_id)
+        eos = np.int32(tok.eos_id)
+        return pack_pairs([(np.append(np.asarray(d, np.int32), eos), np.append(np.asarray(t, np.int32), eos),
+                            int(np.sum(b))) for d, t, b in zip(documents, targets, token_bytes)], seq_len, target_len)
+
+    return RowFormat(("tokens", "segment_ids", "positions", *lengths, "num_bytes"), pack, lengths)
 
 
 def _sentinels(cfg: Config, tokenizer: Tokenizer) -> list[int]:

@@ -60,3 +60,53 @@ def test_pairs_pack_into_encoder_and_decoder_rows_with_shared_segments():
             assert rows["tokens"][r][enc == segment][-1] == 3 and rows["targets"][r][dec == segment][-1] == 3
             assert (rows["positions"][r][enc == segment] == np.arange((enc == segment).sum())).all()
     assert rows["targets"].max() < 512 + corruption.sentinels
+
+
+def _rows(cfg, split="train"):
+    from t2x.data.pipeline import ShardPosition, shard_rows
+    from t2x.data.reader import DataStats
+    from t2x.data.sources import Source
+    from t2x.data.tokenizer import load_tokenizer
+    from t2x.families import encoder_decoder_rows
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    rows = shard_rows(Source(cfg.data, split), tokenizer, cfg.data, 0, 0, ShardPosition(), False, DataStats(),
+                      encoder_decoder_rows(cfg, tokenizer))
+    return tokenizer, list(rows.as_numpy_iterator())
+
+
+def test_pairs_from_jsonl_and_tsv_become_the_same_rows(tmp_path):
+    import json
+
+    from conftest import tiny_config
+
+    pairs = [("Translate this line.", "Traduire cette ligne."), ("Short.", "Court."), ("Lonely", None)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"src": a, "tgt": b}) + "\n" for a, b in pairs))
+    (tmp_path / "p.tsv").write_text("".join(f"{a}\t{b}\n" if b else f"{a}\n" for a, b in pairs))
+    common = ["model.family=encoder_decoder", "data.source=files", "data.text_key=src", "data.target_key=tgt",
+              "data.num_shards=1", "train.global_batch_size=8", "eval.global_batch_size=8", "data.seq_len=16",
+              "data.target_seq_len=12"]
+    got = {}
+    for suffix in ("jsonl", "tsv"):
+        cfg = tiny_config(tmp_path, *common, f"data.train_files=[{tmp_path}/p.{suffix}]")
+        tokenizer, got[suffix] = _rows(cfg)
+    assert len(got["jsonl"]) == len(got["tsv"]) >= 1
+    for a, b in zip(got["jsonl"], got["tsv"]):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    found = [(r["tokens"][r["segment_ids"] == k].tolist(), r["targets"][r["target_segment_ids"] == k].tolist())
+             for r in got["jsonl"] for k in range(1, r["segment_ids"].max() + 1)]
+    expected = [([*ids[0], tokenizer.eos_id][:16], [*ids[1], tokenizer.eos_id][:12])  # cut to the rows
+                for ids in (tokenizer.encode([a, b]) for a, b in pairs[:2])]
+    assert found == expected  # the pair without a target is skipped
+
+
+def test_span_corruption_runs_in_the_pipeline_and_is_the_same_when_read_again(tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "model.family=encoder_decoder", "data.seq_len=32", "model.vocab_size=576")
+    tokenizer, first = _rows(cfg)
+    _, again = _rows(cfg)
+    assert first[0]["targets"].shape == (8,)  # 34 raw tokens: 5 noise in 2 spans -> 32 input, 8 target tokens
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first[:50], again[:50]) for k in a)
+    sentinels = [t for r in first[:50] for t in r["targets"] if t >= tokenizer.vocab_size]
+    assert sentinels and max(sentinels) < 576

@@ -80,7 +80,9 @@ class RowFormat:
       pack: ``(documents, token_bytes, seq_len, tokenizer, rng) -> rows`` (one array per
         feature) for the documents of one block; ``documents`` and ``token_bytes`` as
         ``pack_documents`` takes them, ``rng`` a generator seeded by the block's place in
-        the data (for objectives that draw, such as span corruption).
+        the data (for objectives that draw, such as span corruption). With
+        ``data.target_key`` (input-target pairs) it also gets ``targets``, the tokenized
+        target of each document.
       lengths: features whose rows are not ``data.seq_len`` long, and their lengths.
     """
 

@@ -100,13 +100,18 @@ def _block_packer(tokenizer: Tokenizer, cfg: DataConfig, source: Source, shard: 
                   stats, row_format: RowFormat):
     def pack_block(records, separators, epoch, block):
         texts, separators = decode_records(
-            list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
+            list(records), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description,
+            cfg.target_key,
         )
+        targets = {}
+        if cfg.target_key is not None:  # input-target pairs: the targets go to the row format as they are
+            texts, target_texts = [a for a, _ in texts], [b for _, b in texts]
+            targets["targets"] = tokenizer.encode(target_texts)
         documents = tokenizer.encode(texts)
         # block + 1: the end-of-epoch marker is block -1 (and holds no documents)
         draws = np.random.default_rng([seed, shard, int(epoch), int(block) + 1, _OBJECTIVE_STREAM])
         rows = row_format.pack(documents, tokenizer.token_bytes(documents, texts, separators), cfg.seq_len, tokenizer,
-                               draws)
+                               draws, **targets)
         count = len(rows["num_bytes"])
         if shuffle and count > 1:
             order = np.random.default_rng([seed, shard, int(epoch), int(block)]).permutation(count)
@@ -226,7 +231,8 @@ def _shard_has_text(source: Source, cfg: DataConfig, shard: int, stats: DataStat
         for batch, separators in records.take(SCAN_RECORDS).batch(1024).as_numpy_iterator():
             read += len(batch)
             texts, _ = decode_records(
-                list(batch), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description
+                list(batch), separators, source.format, cfg.text_key, cfg.invalid_utf8, stats, source.description,
+                cfg.target_key,
             )
             if texts:
                 return True, read

@@ -169,7 +169,7 @@ def _whole_file(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tupl
         yield data, 0
 
 
-READERS = {"text": _lines, "jsonl": _lines, "tfrecord": _tfrecords, "file": _whole_file}
+READERS = {"text": _lines, "jsonl": _lines, "tsv": _lines, "tfrecord": _tfrecords, "file": _whole_file}
 
 
 def read_file(path: str, kind: str, max_bytes: int, stats: DataStats) -> Iterator[tuple[bytes, int]]:

@@ -30,15 +30,17 @@ def _strip_gz(path: str) -> str:
     return path[:-3] if path.endswith(".gz") else path
 
 
-def detect_format(files: Sequence[str], configured: str, key: str) -> str:
-    """``text``, ``jsonl`` or ``tfrecord``: the configured format, or the files' common suffix."""
+def detect_format(files: Sequence[str], configured: str, key: str, pairs: bool = False) -> str:
+    """``text``, ``jsonl`` or ``tfrecord`` (with ``pairs``, also ``tsv``): the configured
+    format, or the files' common suffix."""
     if configured != "auto":
         return configured
     formats = set()
+    suffixes = {**FORMATS_BY_SUFFIX, ".tsv": "tsv"} if pairs else FORMATS_BY_SUFFIX
     for f in files:
         name = os.path.basename(_strip_gz(f))
         fmt = "text"
-        for suffix, candidate in FORMATS_BY_SUFFIX.items():
+        for suffix, candidate in suffixes.items():
             if name.endswith(suffix) or f"{suffix}-" in name:
                 fmt = candidate
         formats.add(fmt)
@@ -99,7 +101,8 @@ def decode_records(
     invalid_utf8: str,
     stats: DataStats | None = None,
     where: str = "data",
-) -> tuple[list[str], list[int]]:
+    target_key: str | None = None,
+) -> tuple[list, list[int]]:
     """Turn raw records into document texts, dropping what cannot be read.
 
     Args:
@@ -111,10 +114,13 @@ def decode_records(
       invalid_utf8: ``replace`` bad bytes with U+FFFD, or ``skip`` the document.
       stats: counters to update (and, when strict, the policy that raises).
       where: the data's description, for warnings.
+      target_key: read input-target pairs: a JSONL object's ``text_key`` and
+        ``target_key`` fields, or a TSV line's two columns.
 
     Returns:
-      The document texts that are not blank, and the bytes of text each one's end stands
-      for: the line separator for line-per-document text, 0 otherwise.
+      The document texts that are not blank (with ``target_key``, (input, target)
+      pairs, neither blank), and the bytes of text each one's end stands for: the line
+      separator for line-per-document text, 0 otherwise.
     """
     stats = stats or DataStats()
     texts, kept = [], []
@@ -132,6 +138,16 @@ def decode_records(
             if invalid_utf8 == "skip":
                 continue
             text = raw.decode("utf-8", errors="replace")
+        if target_key is not None:
+            pair = _pair(text, fmt, text_key, target_key)
+            if pair is None:
+                what = (f"a JSONL line without string fields {text_key!r} and {target_key!r}" if fmt == "jsonl"
+                        else "a TSV line without an input and a target column")
+                stats.problem("bad_records", f"{where}: {what}", "skipped")
+            elif pair[0].strip() and pair[1].strip():
+                texts.append(pair)
+                kept.append(0)
+            continue
         if fmt == "jsonl":
             try:
                 text = json.loads(text)[text_key]
@@ -145,6 +161,19 @@ def decode_records(
             kept.append(int(separator) if fmt == "text" else 0)  # a JSONL line's newline is not text
     stats.add_documents(len(texts))
     return texts, kept
+
+
+def _pair(text: str, fmt: str, text_key: str, target_key: str) -> tuple[str, str] | None:
+    """(input, target) of a JSONL object or a TSV line, or None."""
+    if fmt == "tsv":
+        columns = text.split("\t")
+        return (columns[0], columns[1]) if len(columns) == 2 else None
+    try:
+        record = json.loads(text)
+        pair = record[text_key], record[target_key]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return pair if all(isinstance(x, str) for x in pair) else None
 
 
 class Source:
@@ -176,11 +205,15 @@ class Source:
         else:
             key = "data.train_files" if split == "train" else "data.eval_files"
             self.files = list_files(cfg.train_files if split == "train" else cfg.eval_files, key)
-        self.format = detect_format(self.files, cfg.format, key)
+        self.format = detect_format(self.files, cfg.format, key, pairs=cfg.target_key is not None)
+        if cfg.target_key is not None and self.format not in ("jsonl", "tsv"):
+            raise DataError(f"{key}: input-target pairs (data.target_key) come from jsonl or tsv files, not {self.format}")
         self.description = f"{key} ({len(self.files)} file{'s' if len(self.files) != 1 else ''})"
         self.sizes = [tf.io.gfile.stat(f).length for f in self.files]
+        pairs = [f"target:{cfg.target_key}"] if cfg.target_key is not None else []
         self.fingerprint = _fingerprint(
-            [self.format, cfg.text_unit, cfg.text_key, *(f"{os.path.basename(f)}:{n}" for f, n in zip(self.files, self.sizes))]
+            [self.format, cfg.text_unit, cfg.text_key, *pairs,
+             *(f"{os.path.basename(f)}:{n}" for f, n in zip(self.files, self.sizes))]
         )
 
     def _load_tfds_builder(self):

@@ -38,33 +38,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser(
-        "train",
-        help="train a model; rerunning the same command resumes it",
-        description="Train the model a config describes. Rerunning the same command resumes from the run "
+    for name, config_help, command_help, description in (
+        ("train", "YAML config file (see configs/)", "train a model; rerunning the same command resumes it",
+         "Train the model a config describes. Rerunning the same command resumes from the run "
         "directory's newest checkpoint that verifies (a damaged one is set aside, or with "
         "checkpoint.on_damage=stop, reported). Prints the final held-out evaluation as one JSON line (the keys "
         "of `t2x eval`). SIGTERM or Ctrl-C saves a checkpoint at the current step and exits 0 (JSON: "
         "preempted, step). In a multi-process job (TPU pod, SLURM, Open MPI, Kubernetes, or distributed.* "
-        "settings) every process runs this same command and process 0 prints the result.",
-    )
-    train.add_argument("config", help="YAML config file (see configs/)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.steps=100")
-
-    finetune = commands.add_parser(
-        "finetune",
-        help="fine-tune a pretrained model for text classification",
-        description="Train a classifier: the config's model (its family's, without the LM head) under a pooling "
+        "settings) every process runs this same command and process 0 prints the result."),
+        ("finetune", "YAML config file with a classify section (see docs/finetuning.md)",
+         "fine-tune a pretrained model for text classification",
+         "Train a classifier: the config's model (its family's, without the LM head) under a pooling "
         "and a dense head, on labelled examples (data.text_key and classify.label_key of JSONL, CSV or TSV files, "
         "or TFDS), with classify.labels the classes in order. train.init_from names the pretrained run or export "
         "to start from: its backbone parameters are taken, the optimizer starts fresh, and the parameters it does "
         "not use and the new ones are logged. Runs, resumes and stops like `t2x train`; prints the held-out "
         "loss, accuracy, macro_f1, per-class f1, confusion_matrix (rows: true label, columns: predicted), "
         "majority_accuracy (always answering the split's most common label), examples, truncated and batches "
-        "as one JSON line.",
-    )
-    finetune.add_argument("config", help="YAML config file with a classify section (see docs/finetuning.md)")
-    finetune.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        "as one JSON line."),
+    ):
+        command = commands.add_parser(name, help=command_help, description=description)
+        command.add_argument("config", help=config_help)
+        command.add_argument("overrides", nargs="*", metavar="key=value",
+                             help="dotted config overrides, e.g. train.steps=100")
 
     keys = "; ".join(f"{k}: {v}" for k, v in EVAL_KEYS.items())
     evaluate = commands.add_parser(

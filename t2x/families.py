@@ -144,47 +144,40 @@ def _masked_lm_and_next_sentence(cfg: Config, tokenizer: Tokenizer):
 
 
 def _next_sentence_sums(cfg: Config, tokenizer: Tokenizer):
-    tokens = _weighted_token_sums(cfg, tokenizer)
-
     def sums(outputs, example, batch):
         logits, heads = outputs
-        head, pair_logits = example["heads"]["next_sentence"], heads["next_sentence"]
-        nll, _ = token_losses(pair_logits, head["targets"])
-        chosen = head["weights"] > 0
-        return {
-            **tokens(logits, example, batch),
-            "pair_nll_sum": jnp.sum(nll * head["weights"]),
-            "pairs": jnp.sum(chosen, dtype=jnp.int32),
-            "pairs_correct": jnp.sum(chosen & (jnp.argmax(pair_logits, -1) == head["targets"]), dtype=jnp.int32),
-        }
+        head = example["heads"]["next_sentence"]
+        return {**prediction_sums(logits, example["targets"], example["weights"]),
+                **prediction_sums(heads["next_sentence"], head["targets"], head["weights"], "pair_")}
 
     return sums
 
 
 def _next_sentence_summary(sums: dict) -> dict:
-    pairs = int(sums["pairs"])
+    pairs = int(sums["pair_tokens"])
     return {
         **_predicted_token_summary(sums),
         "next_sentence_loss": float(sums["pair_nll_sum"]) / pairs,
-        "next_sentence_accuracy": int(sums["pairs_correct"]) / pairs,
+        "next_sentence_accuracy": int(sums["pair_correct"]) / pairs,
         "pairs": pairs,
+    }
+
+
+def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, prefix: str = "") -> dict:
+    """Over the predictions of weight 1: NLL sum, count and how many were exact."""
+    nll, _ = token_losses(logits, targets)
+    chosen = weights > 0
+    return {
+        f"{prefix}nll_sum": jnp.sum(nll * weights),
+        f"{prefix}tokens": jnp.sum(chosen, dtype=jnp.int32),
+        f"{prefix}correct": jnp.sum(chosen & (jnp.argmax(logits, -1) == targets), dtype=jnp.int32),
     }
 
 
 def _weighted_token_sums(cfg: Config, tokenizer: Tokenizer):
     """Sums over the tokens of weight 1: the masked ones of an encoder, the targets of an
     encoder-decoder."""
-
-    def sums(logits, example, batch):
-        nll, _ = token_losses(logits, example["targets"])
-        chosen = example["weights"] > 0
-        return {
-            "nll_sum": jnp.sum(nll * example["weights"]),
-            "tokens": jnp.sum(chosen, dtype=jnp.int32),
-            "correct": jnp.sum(chosen & (jnp.argmax(logits, -1) == example["targets"]), dtype=jnp.int32),
-        }
-
-    return sums
+    return lambda logits, example, batch: prediction_sums(logits, example["targets"], example["weights"])
 
 
 def _predicted_token_summary(sums: dict) -> dict:

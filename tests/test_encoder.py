@@ -17,6 +17,7 @@ from t2x.models import abstract_params, build_model, count_params
 from t2x.objectives import MaskingTokens, masked_lm
 from t2x.parallel import batch_sharding, make_mesh
 from t2x.train.loop import train
+from test_train import MESHES, train_losses
 
 BERT_TINY = REPO / "configs" / "bert_tiny.yaml"
 # The test encoder: the tiny test shapes, 512 pieces and the mask token past them.
@@ -25,11 +26,6 @@ ENCODER = [o for o in TINY if not o.startswith("model.vocab_size")] + ["model.vo
 
 def encoder_config(run_dir, *overrides):
     return load_config(BERT_TINY, [*ENCODER, f"train.run_dir={run_dir}", *overrides])
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if r["split"] == "train" and "loss" in r}
 
 
 @pytest.mark.parametrize("size,published", [("base", 109_514_298), ("large", 335_174_458)])
@@ -112,14 +108,6 @@ def test_whole_word_masking_takes_every_piece_of_a_word_or_none():
         for w in np.unique(word[chosen[r]]):
             pieces = (word == w) & real[r] & (tokens[r] != tokenizer.bos_id) & (tokens[r] != tokenizer.eos_id)
             assert chosen[r][pieces].all()
-
-
-MESHES = {
-    "data8": (["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"], None),
-    "fsdp8": (["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"], None),
-    "mixed222": (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], None),
-    "one_device": (["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], 1),
-}
 
 
 def test_encoder_trains_alike_on_every_mesh_resumes_exactly_and_restores_onto_another_mesh(tmp_path):

@@ -447,10 +447,7 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
         pools = POOLINGS[model.cfg.model.family]
         if body.pooling not in pools:
             raise RequestError("pooling", f"this {model.cfg.model.family} pools {', '.join(pools)}")
-        _check_texts(body.texts, limits)
-        for i, text in enumerate(body.texts):
-            if not text:
-                raise RequestError(f"texts.{i}", "is empty: it has no token to embed")
+        _check_texts(body.texts, limits, "embed")
         return await wait(submit("embed", body), request)
 
     @app.post("/v1/classify")
@@ -458,10 +455,7 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
         """A fine-tuned classifier's label and per-label probabilities for each text."""
         if not model.classifies:
             raise RequestError("model", "this model is not a fine-tuned classifier (t2x finetune makes one)")
-        _check_texts(body.texts, limits)
-        for i, text in enumerate(body.texts):
-            if not text:
-                raise RequestError(f"texts.{i}", "is empty: it has no token to classify")
+        _check_texts(body.texts, limits, "classify")
         return await wait(submit("classify", body), request)
 
     return _BodyLimit(app, limits.max_body_bytes) if limits.max_body_bytes else app
@@ -471,7 +465,8 @@ class _Busy(Exception):
     pass
 
 
-def _check_texts(texts: list[str], limits: Limits) -> None:
+def _check_texts(texts: list[str], limits: Limits, verb: str | None = None) -> None:
+    """Refuse too many texts, lone surrogates, and (with ``verb``) empty texts."""
     if len(texts) > limits.max_texts:
         raise RequestError("texts", f"at most {limits.max_texts} texts per request, got {len(texts)}")
     for i, text in enumerate(texts):
@@ -479,6 +474,8 @@ def _check_texts(texts: list[str], limits: Limits) -> None:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON can escape a lone surrogate ("\\ud800"); the tokenizer cannot take it
             raise RequestError(f"texts.{i}", "is not valid Unicode: it holds a lone surrogate") from None
+        if verb and not text:
+            raise RequestError(f"texts.{i}", f"is empty: it has no token to {verb}")
 
 
 def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:

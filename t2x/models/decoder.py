@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask, cache_mask
-from t2x.models.layers import constrain, embedding, norm, output_logits
+from t2x.models.layers import constrain, input_embeddings, norm, output_logits
 from t2x.models.transformer import BlockStack
 
 
@@ -57,10 +57,7 @@ class DecoderLM(nn.Module):
         seq_len = tokens.shape[1]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
-        embed = embedding(cfg, cfg.vocab_size, ("vocab", "embed"), "embed")
-        x = embed(tokens)
-        if cfg.position == "learned":
-            x = x + embedding(cfg, cfg.max_seq_len, ("position", "embed"), "pos_embed")(positions)
+        x, embed = input_embeddings(cfg, tokens, positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         if cache is None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask
-from t2x.models.layers import constrain, dense, embedding, norm, output_logits
+from t2x.models.layers import constrain, dense, embedding, input_embeddings, norm, output_logits
 from t2x.models.transformer import BlockStack
 
 
@@ -52,10 +52,7 @@ class EncoderMLM(nn.Module):
         seq_len = tokens.shape[1]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
-        embed = embedding(cfg, cfg.vocab_size, ("vocab", "embed"), "embed")
-        x = embed(tokens)
-        if cfg.position == "learned":
-            x = x + embedding(cfg, cfg.max_seq_len, ("position", "embed"), "pos_embed")(positions)
+        x, embed = input_embeddings(cfg, tokens, positions)
         if cfg.type_vocab_size:
             types = jnp.zeros_like(tokens) if token_types is None else token_types
             x = x + embedding(cfg, cfg.type_vocab_size, ("position", "embed"), "type_embed")(types)

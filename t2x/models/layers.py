@@ -123,6 +123,17 @@ def embedding(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> n
     )
 
 
+def input_embeddings(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) -> tuple[jax.Array, nn.Embed]:
+    """Token embeddings plus learned position embeddings (with ``position: learned``)
+    [batch, seq, d_model], and the token table (for a tied output). Call inside a compact
+    module: it owns the ``embed`` and ``pos_embed`` tables."""
+    embed = embedding(cfg, cfg.vocab_size, ("vocab", "embed"), "embed")
+    x = embed(tokens)
+    if cfg.position == "learned":
+        x = x + embedding(cfg, cfg.max_seq_len, ("position", "embed"), "pos_embed")(positions)
+    return x, embed
+
+
 def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
     """Vocabulary logits of hidden states ``x`` [batch, seq, d_model]: through the token
     embedding table (tied) or an ``lm_head`` of the calling module.

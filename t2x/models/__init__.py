@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.decoder import DecoderLM
+from t2x.models.encdec import EncoderDecoder
 from t2x.models.encoder import EncoderMLM
 
 
@@ -30,4 +31,4 @@ def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-__all__ = ["DecoderLM", "EncoderMLM", "abstract_params", "build_model", "count_params"]
+__all__ = ["DecoderLM", "EncoderDecoder", "EncoderMLM", "abstract_params", "build_model", "count_params"]

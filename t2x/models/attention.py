@@ -49,42 +49,91 @@ def read_cache(cache: jax.Array, layer, rows: jax.Array | None, window: int) -> 
     return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)[rows, :window]
 
 
+def cross_attention_mask(decoder_segment_ids: jax.Array | None, encoder_segment_ids: jax.Array | None,
+                         q_len: int) -> jax.Array | None:
+    """Boolean mask [batch or 1, 1, q_len, enc_len] of decoder queries over encoder keys:
+    a token of segment s attends the encoder tokens of segment s (its own input).
+
+    Decoder padding (segment 0) attends every encoder token, so its softmax row is never
+    empty (an encoder row may have no padding); its outputs are never used. With
+    ``decoder_segment_ids`` None (decoding with a cache: one target per row) every query
+    attends its row's non-padding encoder tokens. None without ``encoder_segment_ids``:
+    every query attends every encoder token.
+    """
+    if encoder_segment_ids is None:
+        return None
+    if decoder_segment_ids is None:
+        return jnp.broadcast_to((encoder_segment_ids > 0)[:, None, None, :],
+                                (encoder_segment_ids.shape[0], 1, q_len, encoder_segment_ids.shape[1]))
+    same = decoder_segment_ids[:, None, :, None] == encoder_segment_ids[:, None, None, :]
+    return same | (decoder_segment_ids == 0)[:, None, :, None]
+
+
 class Attention(nn.Module):
-    """Self-attention with ``num_kv_heads`` key/value heads shared by groups of query heads.
+    """Self-attention with ``num_kv_heads`` key/value heads shared by groups of query heads,
+    or, with ``cross``, attention from ``x`` to another sequence ``kv`` (an encoder's states).
 
     With a KV cache (``cache``: every layer's keys and values [layers, cache rows,
     cache_len, kv_heads, head_dim]), the keys and values of ``x`` are written into layer
     ``layer`` of it, at cache rows ``rows`` (default: row i of ``x`` is cache row i) and
     at their positions, and the queries attend over its first ``window`` slots (``mask``
     then comes from ``cache_mask``); the updated cache is returned with the output.
+    Cross-attention keeps its keys and values in ``cache["cross_k"]``/``["cross_v"]``
+    [layers, cache rows, enc_len, kv_heads, head_dim]: written from ``kv`` when given,
+    read back when ``kv`` is None.
+
+    ``bias`` [batch or 1, heads, q_len, kv_len] is added to the attention logits (T5's
+    relative positions). With ``model.position = relative`` the logits are not scaled by
+    1/sqrt(head_dim), as T5; the query's init is scaled instead, so a fresh model starts
+    as one with scaled logits would.
     """
 
     cfg: ModelConfig
     window: int | None = None  # cache slots attended (default: all)
+    cross: bool = False  # keys and values from ``kv``, not ``x``
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
-                 layer=None, rows: jax.Array | None = None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: dict | None = None,
+                 layer=None, rows: jax.Array | None = None, kv: jax.Array | None = None,
+                 bias: jax.Array | None = None):
         cfg = self.cfg
+        if self.cross and kv is None and cache is None:
+            raise ValueError("cross-attention needs the encoder's states, or a cache holding their keys and values")
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        q = dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
-        k = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
-        v = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
-        if cfg.position == "rope":
+        t5 = cfg.position == "relative"
+        q = dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"),
+                  std=cfg.init_std / head_dim**0.5 if t5 else None, name="query")(x)
+        if not self.cross:
+            k = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
+            v = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
+        elif kv is not None:
+            k = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(kv)
+            v = dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(kv)
+        if cfg.position == "rope" and not self.cross:
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
         q = constrain(q, ("batch", "length", "act_heads", "head_dim"))  # [batch, seq, heads, head_dim]
-        k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))
+        if cache is not None and self.cross:
+            if kv is None:  # filled on an earlier step
+                k, v = (read_cache(cache[n], layer, rows, cache[n].shape[2]).astype(q.dtype)
+                        for n in ("cross_k", "cross_v"))
+            else:
+                written = jnp.arange(x.shape[0]) if rows is None else rows
+                slots = jnp.broadcast_to(jnp.arange(kv.shape[1]), kv.shape[:2])
+                cache = {**cache, "cross_k": write_cache(cache["cross_k"], layer, written, slots, k),
+                         "cross_v": write_cache(cache["cross_v"], layer, written, slots, v)}
+        k = constrain(k, ("batch", "length", "act_kv_heads", "head_dim"))  # [batch, kv_len, kv_heads, head_dim]
         v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-        if cache is not None:
+        if cache is not None and not self.cross:
             written = jnp.arange(x.shape[0]) if rows is None else rows
-            cache = {"k": write_cache(cache["k"], layer, written, positions, k),
+            cache = {**cache, "k": write_cache(cache["k"], layer, written, positions, k),
                      "v": write_cache(cache["v"], layer, written, positions, v)}
             window = self.window or cache["k"].shape[2]
             k, v = (constrain(read_cache(cache[n], layer, rows, window).astype(q.dtype),
                               ("batch", "length", "act_kv_heads", "head_dim")) for n in "kv")
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, implementation=None if cfg.attention == "auto" else cfg.attention
+            q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=1.0 if t5 else None,
+            implementation=None if cfg.attention == "auto" else cfg.attention,
         )
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         out = dense(

@@ -94,17 +94,21 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (tanh approximation as GPT-2, or exact as BERT) or SwiGLU."""
+    """Position-wise feed-forward: GELU (tanh approximation as GPT-2, or exact as BERT),
+    ReLU (the original Transformer, T5 1.0), or gated: SwiGLU (Llama) or GEGLU (T5 1.1:
+    tanh-approximate GELU of ``gate`` times ``up``)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        if cfg.mlp == "swiglu":
+        if cfg.mlp in ("swiglu", "geglu"):
             gate = dense(cfg, cfg.d_ff, ("embed", "mlp"), name="gate")(x)
             up = dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x)
-            h = nn.silu(gate) * up
+            h = (nn.silu(gate) if cfg.mlp == "swiglu" else nn.gelu(gate, approximate=True)) * up
+        elif cfg.mlp == "relu":
+            h = nn.relu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x))
         else:
             h = nn.gelu(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="up")(x), approximate=cfg.mlp == "gelu")
         h = constrain(h, ("batch", "length", "act_mlp"))  # [batch, seq, d_ff]

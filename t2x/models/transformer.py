@@ -22,6 +22,11 @@ class Block(nn.Module):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). Post-norm (``model.norm_position
     = post``, as BERT and the original Transformer): norm(x + attn(x)), then norm(x + mlp(x)).
 
+    With ``cross`` (an encoder-decoder's decoder), a cross-attention sub-layer to the
+    encoder's states ``encoded`` [batch, enc_len, d_model] (masked by ``cross_mask``)
+    sits between the two, normed by ``cross_norm`` the same way. ``bias`` is added to
+    the self-attention logits only (T5's relative positions).
+
     With a KV cache (every layer's, stacked), this block is layer ``layer`` of it; see
     ``Attention``. Returns x, or (x, the updated cache) with a cache. Scanned, the carry
     is x, or (x, cache) with a cache, and ``layer`` comes from the scanned axis.
@@ -31,34 +36,46 @@ class Block(nn.Module):
     deterministic: bool = True
     scanned: bool = False
     window: int | None = None
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x, positions: jax.Array, mask: jax.Array, layer=None, rows: jax.Array | None = None,
-                 cache: dict | None = None):
+                 cache: dict | None = None, encoded: jax.Array | None = None, cross_mask: jax.Array | None = None,
+                 bias: jax.Array | None = None):
         cfg = self.cfg
         if self.scanned and isinstance(x, tuple):
             x, cache = x
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         post = cfg.norm_position == "post"
-        attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
-        h = Attention(cfg, self.window, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows)
+
+        def residual(x, h, layer_norm):
+            x = x + dropout(h)
+            return layer_norm(x) if post else x
+
+        attn_norm = norm(cfg, "attn_norm")
+        h = Attention(cfg, self.window, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows,
+                                                     None, bias)
         if cache is not None:
             h, cache = h
-        x = x + dropout(h)
-        if post:
-            x = attn_norm(x)
-        h = MLP(cfg, name="mlp")(x if post else mlp_norm(x))
-        x = x + dropout(h)
-        if post:
-            x = mlp_norm(x)
+        x = residual(x, h, attn_norm)
+        if self.cross:
+            cross_norm = norm(cfg, "cross_norm")
+            h = Attention(cfg, cross=True, name="cross_attn")(x if post else cross_norm(x), positions, cross_mask,
+                                                              cache, layer, rows, encoded)
+            if cache is not None:
+                h, cache = h
+            x = residual(x, h, cross_norm)
+        mlp_norm = norm(cfg, "mlp_norm")
+        x = residual(x, MLP(cfg, name="mlp")(x if post else mlp_norm(x)), mlp_norm)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         out = x if cache is None else (x, cache)
         return (out, None) if self.scanned else out
 
 
 class BlockStack(nn.Module):
-    """``num_layers`` blocks: one scanned loop (parameters stacked on a leading ``layers``
-    axis, so compile time does not grow with depth) or an unrolled Python loop.
+    """``num_layers`` blocks (default ``model.num_layers``): one scanned loop (parameters
+    stacked on a leading ``layers`` axis, so compile time does not grow with depth) or an
+    unrolled Python loop. ``cross``: decoder blocks of an encoder-decoder (see ``Block``).
 
     A KV cache holds every layer's keys and values stacked on a leading [layers] axis
     either way, updated in place layer by layer; with one, the stack returns (x, the
@@ -68,11 +85,15 @@ class BlockStack(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
     window: int | None = None
+    num_layers: int | None = None
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
-                 rows: jax.Array | None = None):
+                 rows: jax.Array | None = None, encoded: jax.Array | None = None,
+                 cross_mask: jax.Array | None = None, bias: jax.Array | None = None):
         cfg = self.cfg
+        num_layers = self.num_layers or cfg.num_layers
         block = Block
         if cfg.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -81,19 +102,20 @@ class BlockStack(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                length=cfg.num_layers,
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                         nn.broadcast),
+                length=num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            layer_ids = None if cache is None else jax.numpy.arange(cfg.num_layers)
+            layer_ids = None if cache is None else jax.numpy.arange(num_layers)
             carry = x if cache is None else (x, cache)
-            out, _ = stack(cfg, self.deterministic, scanned=True, window=self.window, name=STACKED_LAYERS)(
-                carry, positions, mask, layer_ids, rows
-            )
+            out, _ = stack(cfg, self.deterministic, scanned=True, window=self.window, cross=self.cross,
+                           name=STACKED_LAYERS)(carry, positions, mask, layer_ids, rows, None, encoded, cross_mask,
+                                                bias)
             return out
-        for i in range(cfg.num_layers):
-            out = block(cfg, self.deterministic, window=self.window, name=f"layers_{i}")(
-                x, positions, mask, i, rows, cache
+        for i in range(num_layers):
+            out = block(cfg, self.deterministic, window=self.window, cross=self.cross, name=f"layers_{i}")(
+                x, positions, mask, i, rows, cache, encoded, cross_mask, bias
             )
             x, cache = (out, None) if cache is None else out
         return x if cache is None else (x, cache)

@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("position", None),
+    ("relative_buckets", None),  # rows of T5's relative position bias table ([buckets, heads])
     ("norm", None),
     ("layers", None),
 )

@@ -12,7 +12,8 @@ A family is four pieces, and ``FAMILIES`` is the one table naming them:
   summary computed from them.
 
 ``decoder``: GPT-style, next-token prediction. ``encoder``: BERT-style, masked LM (and
-next-sentence prediction, with ``objective.next_sentence``). ``task`` picks the pieces a
+next-sentence prediction, with ``objective.next_sentence``). ``encoder_decoder``:
+T5-style, span corruption (or input-target pairs, with ``data.target_key``). ``task`` picks the pieces a
 config trains with, fine-tuned classifiers included.
 """
 
@@ -31,6 +32,7 @@ from t2x.config import Config, ConfigError
 from t2x.data.packing import BOS_DOCUMENTS, DOCUMENTS, RowFormat
 from t2x.data.tokenizer import Tokenizer
 from t2x.models.decoder import DecoderLM
+from t2x.models.encdec import EncoderDecoder
 from t2x.models.encoder import EncoderMLM
 from t2x.data.sentence_pairs import SENTENCE_PAIRS
 from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, pack_pairs, raw_length
@@ -222,6 +224,8 @@ def encoder_decoder_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
 
 
 def _sentinels(cfg: Config, tokenizer: Tokenizer) -> list[int]:
+    if cfg.data.target_key is not None:  # input-target pairs: nothing is corrupted
+        return []
     corruption = span_corruption(cfg, tokenizer)
     return list(range(corruption.first_sentinel, corruption.first_sentinel + corruption.sentinels))
 
@@ -234,6 +238,8 @@ FAMILIES: dict[str, Family] = {
     "decoder": Family(DecoderLM, lambda cfg, tokenizer: DOCUMENTS, _causal_lm, _next_token_sums, _decoder_summary),
     "encoder": Family(EncoderMLM, lambda cfg, tokenizer: BOS_DOCUMENTS, _masked_lm, _weighted_token_sums,
                       _predicted_token_summary, _mask_reserved),
+    "encoder_decoder": Family(EncoderDecoder, encoder_decoder_rows, _sequence_to_sequence, _weighted_token_sums,
+                              _predicted_token_summary, _sentinels),
 }
 
 

@@ -25,29 +25,46 @@ PEAK_FLOPS = (
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in matmuls: every block's projections plus the unembedding
-    (and an encoder's masked-LM transform)."""
+    (and an encoder's masked-LM transform; an encoder-decoder's decoder blocks with their
+    cross-attention)."""
     d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
     attention = d * (heads + 2 * kv) * hd + heads * hd * d
-    mlp = d * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    mlp = d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
     head = d * d if cfg.family == "encoder" else 0
-    return cfg.num_layers * (attention + mlp) + head + d * cfg.vocab_size
+    decoder = cfg.decoder_layers * (2 * attention + mlp) if cfg.family == "encoder_decoder" else 0
+    return cfg.num_layers * (attention + mlp) + decoder + head + d * cfg.vocab_size
 
 
-def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None) -> float:
+def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None,
+                            target_len: int | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) over a global batch.
 
     Args:
       cfg: model shape.
       batch_size: sequences in the global batch.
-      seq_len: tokens per sequence.
+      seq_len: tokens per sequence (an encoder-decoder's input rows).
       causal: count attention scores at half, as only the lower triangle is needed
         (default: for decoders).
+      target_len: an encoder-decoder's target rows (default ``seq_len``): its decoder
+        runs over these, its encoder over ``seq_len``.
     """
     if causal is None:
         causal = cfg.family == "decoder"
+    per_head = 4 * batch_size * cfg.num_heads * cfg.head_size
+    if cfg.family == "encoder_decoder":
+        t, d, heads, kv, hd = target_len or seq_len, cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        query_out, key_value = 2 * d * heads * hd, 2 * d * kv * hd  # projections of queries and outputs; keys and values
+        mlp = d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
+        encoder = seq_len * cfg.num_layers * (query_out + key_value + mlp)
+        # Decoder: self-attention and MLP over the targets, cross-attention's queries and
+        # outputs over the targets and its keys and values over the inputs.
+        decoder = cfg.decoder_layers * (t * (2 * query_out + key_value + mlp) + seq_len * key_value)
+        dense = 2 * batch_size * (encoder + decoder + t * d * cfg.vocab_size)
+        scores = per_head * (cfg.num_layers * seq_len**2 + cfg.decoder_layers * (t**2 / 2 + t * seq_len))
+        return 3.0 * (dense + scores)
     tokens = batch_size * seq_len
     dense = 2 * tokens * matmul_params(cfg)
-    attention = 4 * batch_size * seq_len**2 * cfg.num_heads * cfg.head_size * cfg.num_layers
+    attention = per_head * seq_len**2 * cfg.num_layers
     if causal:
         attention /= 2
     return 3.0 * (dense + attention)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import REPO
 from t2x.config import ModelConfig
 from t2x.flops import matmul_params, peak_flops_per_device, training_flops_per_step
 
@@ -70,3 +71,16 @@ def test_forward_flops_are_what_xla_counts_in_the_model(variant):
     counted = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).cost_analysis()["flops"]
     formula = training_flops_per_step(cfg, batch_size=2, seq_len=256, causal=False) / 3
     assert 1.0 <= counted / formula < 1.005
+
+
+def test_encoder_decoder_flops_count_each_stack_over_its_own_rows():
+    from t2x.config import load_config
+
+    m = load_config(REPO / "configs" / "t5_small.yaml").model  # 6 + 6 layers, d 512, 8 x 64 heads, d_ff 2048, relu
+    b, s, t, d, inner = 2, 512, 114, 512, 8 * 64
+    attention = 4 * d * inner  # q, k, v, o
+    encoder = 2 * b * s * 6 * (attention + 2 * d * 2048) + 4 * b * 8 * 64 * 6 * s * s
+    decoder_dense = 2 * b * 6 * (t * (attention + 2 * d * inner + 2 * d * 2048) + s * 2 * d * inner)
+    decoder_scores = 4 * b * 8 * 64 * 6 * (t * t / 2 + t * s)
+    expected = 3 * (encoder + decoder_dense + decoder_scores + 2 * b * t * d * 32128)
+    assert training_flops_per_step(m, b, s, target_len=t) == pytest.approx(expected, rel=1e-12)

@@ -214,13 +214,17 @@ def test_local_launcher_rejects_bad_arguments():
         assert result.returncode == 2 and "usage: launch/local.sh" in result.stderr
 
 
-def test_two_processes_train_an_encoder_as_one_does(tmp_path):
+@pytest.mark.parametrize("family", ["encoder", "encoder_decoder"])
+def test_two_processes_train_the_other_families_as_one_does(tmp_path, family):
     from test_encoder import BERT_TINY, ENCODER, encoder_config
+    from test_seq2seq import SEQ2SEQ, T5_TINY, seq2seq_config
 
+    config, settings, make = {"encoder": (BERT_TINY, ENCODER, encoder_config),
+                              "encoder_decoder": (T5_TINY, SEQ2SEQ, seq2seq_config)}[family]
     steps = ["train.steps=3", "checkpoint.every=1000"]
-    train(encoder_config(tmp_path / "one", *steps, *MESH))
+    train(make(tmp_path / "one", *steps, *MESH))
     env = cpu_env(4, T2X=f"{sys.executable} -m t2x.cli", T2X_CPU_DEVICES="4")
-    job = subprocess.run([LOCAL, "2", str(BERT_TINY), *ENCODER, *MESH, f"train.run_dir={tmp_path / 'two'}", *steps],
+    job = subprocess.run([LOCAL, "2", str(config), *settings, *MESH, f"train.run_dir={tmp_path / 'two'}", *steps],
                          env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
     [result] = results(job.stdout)

@@ -316,7 +316,8 @@ class _Run:
     def loop(self) -> dict[str, Any]:
         cfg, window = self.cfg, self.window
         steps, batch_size = cfg.train.steps, cfg.train.global_batch_size
-        self.flops_per_step = training_flops_per_step(cfg.model, batch_size, cfg.data.seq_len)
+        targets = task(cfg).rows(cfg, self.c.tokenizer).lengths.get("targets") if not cfg.classify.enabled else None
+        self.flops_per_step = training_flops_per_step(cfg.model, batch_size, cfg.data.seq_len, target_len=targets)
         self.peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
         first = int(jax.device_get(self.state.step))
         bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,

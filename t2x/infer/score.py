@@ -177,6 +177,8 @@ class Scorer:
         family = self.model.cfg.model.family
         if self.model.classifies:
             raise RequestError("model", "a classifier classifies texts; embed with the model it was fine-tuned from")
+        if family not in POOLINGS:
+            raise RequestError("model", f"embeddings come from a decoder or an encoder; this is {_kind(self.model)}")
         if pooling not in POOLINGS[family]:
             raise RequestError("pooling", f"{_kind(self.model)} pools {', '.join(POOLINGS[family])}, got {pooling!r}")
         rows = self._sequences(texts)

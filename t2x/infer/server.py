@@ -444,6 +444,8 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
         if model.classifies:
             raise RequestError("model", "a classifier classifies texts (/v1/classify); embed with the model it was "
                                "fine-tuned from")
+        if model.cfg.model.family not in POOLINGS:
+            raise RequestError("model", "embeddings come from a decoder or an encoder")
         pools = POOLINGS[model.cfg.model.family]
         if body.pooling not in pools:
             raise RequestError("pooling", f"this {model.cfg.model.family} pools {', '.join(pools)}")
@@ -479,8 +481,16 @@ def _check_texts(texts: list[str], limits: Limits, verb: str | None = None) -> N
 
 
 def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
-    """Compile every shape, then serve until interrupted."""
+    """Compile every shape, then serve until interrupted.
+
+    Raises:
+      RequestError: an encoder-decoder, which the server does not serve yet.
+    """
     import uvicorn
+
+    if model.cfg.model.family not in POOLINGS and not model.classifies:
+        raise RequestError("model", f"t2x serve serves decoders, encoders and classifiers; {model.cfg.model.family} "
+                           "models are trained, evaluated and exported, but not served yet")
 
     worker = Worker(model, limits)
     started = time.monotonic()

@@ -52,7 +52,8 @@ def test_input_target_pairs_train_and_evaluate_and_bad_pairs_are_refused(tmp_pat
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     pairs = ["data.source=files", f"data.train_files=[{tmp_path}/pairs.jsonl]", f"data.eval_files=[{tmp_path}/pairs.jsonl]",
              "data.text_key=en", "data.target_key=fr", "data.target_seq_len=24", "data.num_shards=2"]
-    result = train(seq2seq_config(tmp_path / "run", *pairs, "train.steps=2"))
+    # Three decoder layers to two encoder layers: Adafactor runs per layer of each stack.
+    result = train(seq2seq_config(tmp_path / "run", *pairs, "train.steps=2", "model.num_decoder_layers=3"))
     assert result["tokens"] > 0 and result["step"] == 2
     with pytest.raises(ConfigError, match="data.target_key reads input-target pairs for model.family=encoder_decoder"):
         load_config(REPO / "configs" / "tiny.yaml", ["data.target_key=fr"])

@@ -72,11 +72,12 @@ def is_stacked(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: STACKED_LAYERS in _names(path), params)
 
 
-def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def per_layer(inner: optax.GradientTransformation, decoder_layers: int | None = None) -> optax.GradientTransformation:
     """``inner`` applied to each layer of scanned parameters separately (vmapped over
     the leading ``layers`` axis) and to the other parameters as they are, so statistics
     over a whole array (Adafactor's factored moments, update clipping, parameter scale)
-    are the same whether layers are scanned or not."""
+    are the same whether layers are scanned or not. An encoder-decoder whose decoder has
+    ``decoder_layers`` layers, other than its encoder's, vmaps its decoder stack apart."""
 
     def init(params):
         return jax.vmap(inner.init)(params) if jax.tree.leaves(params) else inner.init(params)
@@ -89,9 +90,15 @@ def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformati
     stacked = optax.GradientTransformation(init, update)
 
     def labels(params):
-        return jax.tree.map(lambda s: "stacked" if s else "single", is_stacked(params))
+        def label(path, _):
+            if STACKED_LAYERS not in _names(path):
+                return "single"
+            return "stacked_decoder" if decoder_layers and "decoder" in _names(path) else "stacked"
 
-    return optax.multi_transform({"stacked": stacked, "single": inner}, labels)
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    transforms = {"stacked": stacked, "single": inner} | ({"stacked_decoder": stacked} if decoder_layers else {})
+    return optax.multi_transform(transforms, labels)
 
 
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -118,7 +125,9 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
                     optax.scale_by_factored_rms(),
                     optax.clip_by_block_rms(1.0),
                     optax.scale_by_param_block_rms(),
-                )
+                ),
+                decoder_layers=cfg.model.decoder_layers
+                if cfg.model.family == "encoder_decoder" and cfg.model.decoder_layers != cfg.model.num_layers else None,
             ),
             optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule),

@@ -50,9 +50,10 @@ def tiny_config(run_dir, *overrides: str) -> Config:
     return load_config(REPO / "configs" / "tiny.yaml", [*TINY, f"train.run_dir={run_dir}", *overrides])
 
 
-def restored(run_dir, *overrides: str, step=None, devices=None):
+def restored(run_dir, *overrides: str, step=None, devices=None, make=tiny_config):
     """The train state a run saved (the newest step, or ``step``), verified and restored
-    onto the mesh of the tiny config with ``overrides``; and its data item."""
+    onto the mesh of the config ``make(run_dir, *overrides)`` (the tiny config's by
+    default); and its data item."""
     from t2x.checkpoint import Checkpointer
     from t2x.components import build
     from t2x.models import abstract_params
@@ -60,7 +61,7 @@ def restored(run_dir, *overrides: str, step=None, devices=None):
     from t2x.train.resume import Target, restore_step
     from t2x.train.state import make_optimizer, state_shardings
 
-    cfg = tiny_config(run_dir, *overrides)
+    cfg = make(run_dir, *overrides)
     c = build(cfg, devices=devices)
     tx, _ = make_optimizer(cfg)
     with sharding_context(c.mesh):

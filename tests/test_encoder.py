@@ -16,7 +16,7 @@ from t2x.models import abstract_params, build_model, count_params
 from t2x.objectives import MaskingTokens, masked_lm
 from t2x.parallel import batch_sharding, make_mesh
 from t2x.train.loop import train
-from test_train import MESHES, train_losses
+from test_train import MESHES, train_losses, train_on_every_mesh
 
 BERT_TINY = REPO / "configs" / "bert_tiny.yaml"
 # The test encoder: the tiny test shapes, 512 pieces and the mask token past them.
@@ -111,13 +111,8 @@ def test_whole_word_masking_takes_every_piece_of_a_word_or_none():
 
 def test_encoder_trains_alike_on_every_mesh_resumes_exactly_and_restores_onto_another_mesh(tmp_path):
     common = ["train.steps=4", "checkpoint.every=2", "optim.decay_steps=4"]
-    losses, evals = {}, {}
-    for name, (mesh, num_devices) in MESHES.items():
-        devices = jax.devices()[:num_devices] if num_devices else None
-        evals[name] = train(encoder_config(tmp_path / name, *common, *mesh), devices=devices)
-        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, 5)])
-    for name, values in losses.items():
-        np.testing.assert_allclose(values, losses["one_device"], rtol=2e-5, err_msg=name)
+    losses, evals = train_on_every_mesh(encoder_config, tmp_path, 4, *common[1:])
+    for name in losses:
         assert evals[name]["tokens"] == evals["one_device"]["tokens"] > 0  # the same evaluation masks
         assert evals[name]["loss"] == pytest.approx(evals["one_device"]["loss"], rel=1e-5)
         assert 0 <= evals[name]["accuracy"] <= 1 and "bits_per_byte" not in evals[name]

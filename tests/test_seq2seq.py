@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, TINY, restored
 from t2x.config import load_config
 from t2x.train.loop import train
-from test_train import MESHES, train_losses
+from test_train import MESHES, train_losses, train_on_every_mesh
 
 T5_TINY = REPO / "configs" / "t5_tiny.yaml"
 # The tiny test shapes as a T5: 512 pieces, then room for the sentinels.
@@ -25,13 +25,8 @@ def seq2seq_config(run_dir, *overrides):
 
 def test_span_corruption_trains_alike_on_every_mesh_resumes_exactly_and_restores_onto_another_mesh(tmp_path):
     common = ["train.steps=3", "checkpoint.every=1", "optim.decay_steps=3"]
-    losses, evals = {}, {}
-    for name, (mesh, num_devices) in MESHES.items():
-        devices = jax.devices()[:num_devices] if num_devices else None
-        evals[name] = train(seq2seq_config(tmp_path / name, *common, *mesh), devices=devices)
-        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in (1, 2, 3)])
-    for name, values in losses.items():
-        np.testing.assert_allclose(values, losses["one_device"], rtol=2e-5, err_msg=name)
+    losses, evals = train_on_every_mesh(seq2seq_config, tmp_path, 3, *common[1:])
+    for name in losses:
         assert evals[name]["tokens"] == evals["one_device"]["tokens"] > 0
         assert evals[name]["loss"] == pytest.approx(evals["one_device"]["loss"], rel=1e-5)
     mesh = MESHES["mixed222"][0]

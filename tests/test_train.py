@@ -33,16 +33,24 @@ MESHES = {
 }
 
 
-def test_losses_agree_across_meshes(tmp_path):
-    losses = {}
+def train_on_every_mesh(make, tmp_path, steps: int, *overrides) -> tuple[dict, dict]:
+    """Train ``make(tmp_path / mesh name, ...)`` on each of ``MESHES``; each mesh's train
+    losses of steps 1..``steps`` and its final evaluation, after checking that the losses
+    agree with one device's."""
+    losses, evals = {}, {}
     for name, (mesh, num_devices) in MESHES.items():
-        cfg = tiny_config(tmp_path / name, *mesh)  # the tiny run's own settings: programs other tests compile too
         devices = jax.devices()[:num_devices] if num_devices else None
-        train(cfg, devices=devices)
-        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, 5)])
-    assert losses["data8"][-1] < losses["data8"][0]
+        evals[name] = train(make(tmp_path / name, f"train.steps={steps}", *overrides, *mesh), devices=devices)
+        losses[name] = np.array([train_losses(tmp_path / name)[s] for s in range(1, steps + 1)])
     for name, values in losses.items():
         np.testing.assert_allclose(values, losses["one_device"], rtol=2e-5, err_msg=name)
+    return losses, evals
+
+
+def test_losses_agree_across_meshes(tmp_path):
+    # The tiny run's own settings: programs other tests compile too.
+    losses, _ = train_on_every_mesh(tiny_config, tmp_path, 4)
+    assert losses["data8"][-1] < losses["data8"][0]
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):

@@ -173,7 +173,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer (``tokenizer.json``), with its special tokens
-    from ``tokenizer_config.json`` (``bos_token``, ``eos_token``) when given one."""
+    from ``tokenizer_config.json`` (``bos_token``, ``eos_token``, or a BERT's ``cls_token``,
+    ``sep_token``; ``mask_token``) when given one."""
 
     def __init__(self, tokenizer_json: bytes, config_json: bytes | None, source: str):
         from tokenizers import Tokenizer as Backend
@@ -189,7 +190,8 @@ class HFTokenizer(Tokenizer):
         self.files = {HF_FILE: tokenizer_json} | ({HF_CONFIG_FILE: config_json} if config_json else {})
         self.source = source
         self.special = self._special_ids(spec)
-        self.eos_id = self._token_id(config.get("eos_token"), "eos_token")
+        # BERT's tokenizers name [CLS] and [SEP], which frame its rows as BOS and EOS do t2x's.
+        self.eos_id = self._token_id(*self._named(config, "eos_token", "sep_token"))
         if self.eos_id is None:
             known = [t for t in _KNOWN_EOS if self.backend.token_to_id(t) is not None]
             if not known:
@@ -197,7 +199,7 @@ class HFTokenizer(Tokenizer):
                     f"tokenizer {source} names no end-of-sequence token: put a {HF_CONFIG_FILE} with eos_token beside it"
                 )
             self.eos_id = self.backend.token_to_id(known[0])
-        bos = self._token_id(config.get("bos_token"), "bos_token")
+        bos = self._token_id(*self._named(config, "bos_token", "cls_token"))
         self.bos_id = self.eos_id if bos is None else bos  # no BOS: documents start with EOS, as GPT-2's
         self.mask_id = self._token_id(config.get("mask_token"), "mask_token")
         if self.mask_id is None:
@@ -205,6 +207,11 @@ class HFTokenizer(Tokenizer):
         self._model_type = spec.get("model", {}).get("type")
         self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
         self._piece_bytes = self._bytes_per_piece(spec)
+
+    @staticmethod
+    def _named(config: dict, key: str, fallback: str) -> tuple[object, str]:
+        """The token ``config`` names under ``key``, else under ``fallback``, and which key."""
+        return (config[key], key) if config.get(key) is not None else (config.get(fallback), fallback)
 
     def _token_id(self, token, key: str) -> int | None:
         if isinstance(token, dict):

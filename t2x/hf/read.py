@@ -1,0 +1,109 @@
+"""``t2x import-hf``: a local Hugging Face ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or
+BERT directory (safetensors weights, ``tokenizer.json`` or SentencePiece
+``tokenizer.model``) read as t2x parameters, config and tokenizer, and written as a t2x
+export; what t2x cannot reproduce is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from t2x.config import ConfigError, load_config
+from t2x.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TokenizerError, from_files
+from t2x.export import Exported, ExportError, check_dtype, write_export
+from t2x.hf import bert, decoder
+from t2x.hf.format import float32_or_bfloat16, read_json, read_weights
+
+
+def _architecture(hf: dict) -> str:
+    """The class a ``config.json`` describes (its ``architectures``, else its ``model_type``)."""
+    arch = (hf.get("architectures") or [None])[0] or {**decoder.MODEL_TYPES, "bert": bert.ENCODER}.get(
+        hf.get("model_type"))
+    if arch not in (decoder.GPT2, decoder.LLAMA, *bert.ARCHITECTURES):
+        raise ExportError(f"config.json describes {arch or hf.get('model_type')!r}; t2x imports {decoder.GPT2}, "
+                          f"{decoder.LLAMA} and BERT ({', '.join(bert.ARCHITECTURES)}) models")
+    return arch
+
+
+def read_hf(hf_dir: str, encoder_only: bool = False) -> Exported:
+    """A local Hugging Face model directory as t2x parameters, config and tokenizer.
+
+    Args:
+      hf_dir: a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``BertForMaskedLM``,
+        ``BertForPreTraining`` or ``BertModel`` directory.
+      encoder_only: a BERT's encoder without its masked-LM head (what a fine-tuned
+        classifier's backbone takes); the only way a ``BertModel`` reads.
+
+    Returns:
+      The export; its ``source`` names the architecture, and for BERT the tensors left
+      out (``left_out``: the pooler and next-sentence head, which t2x does not read).
+
+    Raises:
+      ExportError: another architecture or an option t2x cannot reproduce (named), missing
+        or misshapen tensors, tensors a plain model does not have, a BERT without its
+        masked-LM head (unless ``encoder_only``), or no tokenizer.
+    """
+    from t2x.data.tokenizer import read_files
+
+    if not os.path.isdir(hf_dir):
+        raise ExportError(f"{hf_dir} is not a directory")
+    hf = read_json(os.path.join(hf_dir, "config.json"), "the model config")
+    arch = _architecture(hf)
+    is_bert = arch in bert.ARCHITECTURES
+    if encoder_only and not is_bert:
+        raise ExportError(f"encoder_only reads BERT checkpoints; {hf_dir} is a {arch}")
+    tensors = read_weights(hf_dir) if is_bert else None  # BERT's settings depend on a tensor
+    model = bert.model_settings(arch, hf, tensors) if is_bert else decoder.model_settings(arch, hf)
+    files = read_files(hf_dir)
+    if HF_FILE in files:  # what AutoTokenizer reads first
+        files = {k: v for k, v in files.items() if k != SENTENCEPIECE_FILE}
+    if not files:
+        raise ExportError(f"{hf_dir} has no tokenizer.json or tokenizer.model")
+    try:
+        tokenizer = from_files(files, hf_dir)
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+    context = model["max_seq_len"]
+    try:
+        cfg = load_config(
+            None,
+            [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+            + [
+                f"data.tokenizer={hf_dir}",
+                f"data.seq_len={min(context, 1024)}",
+                f"name={os.path.basename(os.path.abspath(hf_dir))}",
+            ],
+        )
+    except ConfigError as e:
+        raise ExportError(f"{hf_dir}/config.json: {e}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ExportError(
+            f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
+            f"{cfg.model.vocab_size}"
+        )
+    source = {"kind": "hf", "path": os.path.abspath(hf_dir), "architecture": arch}
+    if is_bert:
+        params, left_out = bert.params(cfg.model, arch, tensors, hf_dir, encoder_only)
+        if left_out:
+            source["left_out"] = left_out
+    else:
+        params = decoder.params(cfg.model, arch, read_weights(hf_dir), hf_dir)
+    return Exported(cfg, float32_or_bfloat16(params, hf_dir), files, source)
+
+
+def import_hf(hf_dir: str, output: str, dtype: str | None = None) -> dict:
+    """``t2x import-hf``: write a Hugging Face model directory as a t2x export; returns its
+    manifest. ``dtype`` (float32 or bfloat16) defaults to the checkpoint's own."""
+    if dtype is not None:
+        check_dtype(dtype)
+    exported = read_hf(hf_dir)
+    if dtype is None:
+        import jax
+        import ml_dtypes
+
+        stored = {x.dtype for x in jax.tree.leaves(exported.params)}
+        dtype = "bfloat16" if stored == {np.dtype(ml_dtypes.bfloat16)} else "float32"
+    return write_export(output, exported.cfg, exported.params, exported.tokenizer_files, exported.source, dtype)

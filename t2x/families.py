@@ -123,7 +123,9 @@ def masking_tokens(tokenizer: Tokenizer, vocab_size: int) -> MaskingTokens:
     mask = tokenizer.mask_id if tokenizer.mask_id is not None else tokenizer.vocab_size
     starts = np.ones(vocab_size, bool)
     starts[: tokenizer.vocab_size] = tokenizer.word_starts()
-    return MaskingTokens(mask=mask, vocab=tokenizer.vocab_size, keep=(tokenizer.bos_id, tokenizer.eos_id),
+    # A mask token added at the end of the vocabulary is no random replacement.
+    vocab = mask if mask == tokenizer.vocab_size - 1 else tokenizer.vocab_size
+    return MaskingTokens(mask=mask, vocab=vocab, keep=(tokenizer.bos_id, tokenizer.eos_id),
                          word_starts=starts)
 
 

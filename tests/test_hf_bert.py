@@ -128,6 +128,10 @@ def test_the_exported_tokenizer_frames_rows_as_t2x_and_holds_the_mask_token(tmp_
     back = from_files(read_hf(str(tmp_path / "hf")).tokenizer_files, "imported")
     assert (back.bos_id, back.eos_id, back.mask_id) == (bos, eos, mask)
     assert back.encode(texts) == tokenizer.encode(texts)
+    # Training on the import masks as before: random replacements stay below the mask.
+    assert back.vocab_size == mask + 1
+    ours_, imported = (masking_tokens(t, cfg.model.vocab_size) for t in (tokenizer, back))
+    assert (imported.mask, imported.vocab, imported.keep) == (ours_.mask, ours_.vocab, ours_.keep) == (mask, mask, (bos, eos))
 
 
 def test_a_next_sentence_model_exports_as_bert_for_pretraining(tmp_path):

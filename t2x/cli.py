@@ -147,12 +147,13 @@ def _inference_parsers(commands) -> None:
 
     generate = commands.add_parser(
         "generate",
-        help="continue prompts with a model",
-        description="Continue each prompt, decoding with a KV cache and up to --slots sequences at once. Greedy by "
-        "default; --temperature > 0 samples (with --top-k, --top-p and --seed). A completion ends at the "
-        "end-of-text token, at a --stop string (cut before it), at --max-new-tokens, or at the model's context. "
-        "Prints JSON: completions, each with prompt, text, tokens, prompt_tokens and finish_reason (eos, stop, "
-        "length).",
+        help="continue prompts with a decoder, or answer inputs with an encoder-decoder",
+        description="Continue each prompt (a decoder), or write the output of each input (an encoder-decoder), "
+        "decoding with a KV cache and up to --slots sequences at once. Greedy by default; --temperature > 0 "
+        "samples (with --top-k, --top-p and --seed); --num-beams > 1 is beam search (encoder-decoders). A "
+        "completion ends at the end-of-text token, at a --stop string (cut before it), at --max-new-tokens, or at "
+        "the model's context. Prints JSON: completions, each with prompt, text, tokens, prompt_tokens and "
+        "finish_reason (eos, stop, length).",
     )
     source(generate)
     prompts = generate.add_mutually_exclusive_group(required=True)
@@ -168,6 +169,10 @@ def _inference_parsers(commands) -> None:
     generate.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeat for more")
     generate.add_argument("--slots", type=int, default=None, help="sequences decoded at once (default: up to 32)")
+    generate.add_argument("--num-beams", type=int, default=1, help="beam search with N hypotheses per input "
+                          "(encoder-decoders; 1: greedy or sampled)")
+    generate.add_argument("--length-penalty", type=float, default=0.6, help="beam search ranks finished outputs "
+                          "by log-probability / ((5 + length) / 6) ** ALPHA")
 
     score = commands.add_parser(
         "score",
@@ -297,7 +302,8 @@ def _generate(args) -> dict:
     prompts = read_prompts(_read_lines(args.prompt_file, "prompt-file")) if args.prompt_file else args.prompt
     if args.num_samples < 1:
         raise RequestError("num-samples", f"must be >= 1, got {args.num_samples}")
-    base = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+    base = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop),
+                    args.num_beams, args.length_penalty)
     model = load(args.source, args.step, args.overrides)
     settings = [dataclasses.replace(base, seed=args.seed + n) for _ in prompts for n in range(args.num_samples)]
     repeated = [p for p in prompts for _ in range(args.num_samples)]

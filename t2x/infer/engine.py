@@ -165,6 +165,9 @@ class Engine:
         """Check a request and tokenize its prompt (BOS first)."""
         for field, problem in sampling.problems():
             raise RequestError(field, problem)
+        if sampling.num_beams > 1:
+            raise RequestError("num_beams", "beam search decodes encoder-decoders; a decoder language model samples "
+                               "or decodes greedily (num_beams 1)")
         ids = [self.model.tokenizer.bos_id, *self.model.tokenizer.encode([prompt])[0]]
         if len(ids) >= self.context:
             raise RequestError(
@@ -285,7 +288,8 @@ def generate(
 
     Args:
       model: the loaded model.
-      prompts: texts to continue.
+      prompts: texts to continue (an encoder-decoder's inputs: ``seq2seq.Seq2Seq``
+        decodes them, a whole batch in one program, so ``on_token`` hears each output once).
       sampling: settings for all prompts, or one per prompt.
       slots: decode slots (default: as many as prompts, rounded up to the batch devices,
         at most 32).
@@ -297,6 +301,14 @@ def generate(
     settings = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
     if len(settings) != len(prompts):
         raise ValueError("give one Sampling, or one per prompt")
+    if model.translates:
+        from t2x.infer.seq2seq import Seq2Seq
+
+        completions = Seq2Seq(model, slots or 8).generate(prompts, settings)
+        for i, c in enumerate(completions):
+            if on_token:
+                on_token(i, c.text)
+        return completions
     ways = model.batch_ways
     slots = slots or -(-min(max(len(prompts), 1), 32) // ways) * ways
     engine = Engine(model, slots)

@@ -44,6 +44,11 @@ class InferenceModel:
         return self.cfg.model.family == "decoder" and not self.cfg.classify.enabled
 
     @property
+    def translates(self) -> bool:
+        """Whether it is an encoder-decoder (generate an output for each input)."""
+        return self.cfg.model.family == "encoder_decoder" and not self.cfg.classify.enabled
+
+    @property
     def classifies(self) -> bool:
         """Whether it is a fine-tuned classifier (classify)."""
         return self.cfg.classify.enabled

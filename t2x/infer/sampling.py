@@ -13,13 +13,17 @@ import math
 import jax
 import jax.numpy as jnp
 
+MAX_BEAMS = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How one request is decoded.
 
     temperature 0 is greedy (the most likely token, ties to the lowest id); top_k 0 and
-    top_p 1 leave the distribution whole.
+    top_p 1 leave the distribution whole. ``num_beams`` above 1 is beam search, ranked by
+    log-probability over the length penalty ((5 + length) / 6) ** ``length_penalty``
+    (encoder-decoders).
     """
 
     max_new_tokens: int = 64
@@ -28,6 +32,8 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 0.6
 
     def problems(self, max_new_tokens_limit: int | None = None) -> list[tuple[str, str]]:
         """(field, what is wrong) for each setting out of range; empty when all are fine.
@@ -47,6 +53,10 @@ class Sampling:
             out.append(("seed", f"must be in [0, 2**32), got {self.seed}"))
         if any(not s for s in self.stop):
             out.append(("stop", "stop strings must not be empty"))
+        if not 1 <= self.num_beams <= MAX_BEAMS:
+            out.append(("num_beams", f"must be between 1 and {MAX_BEAMS}, got {self.num_beams}"))
+        if not (math.isfinite(self.length_penalty) and self.length_penalty >= 0):
+            out.append(("length_penalty", f"must be a finite number >= 0, got {self.length_penalty}"))
         return out
 
 

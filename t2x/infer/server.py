@@ -8,9 +8,13 @@ for the devices:
   abandoned request frees its slot at once.
 - **score**, **embed** and **classify**: requests that arrive within ``batch_wait_ms``
   of each other (up to ``max_batch`` texts) run as one batch, between decode steps.
+- **generate** from an encoder-decoder: batched the same way, each batch decoded whole
+  by ``Seq2Seq`` (greedy, sampled or beam search); a streamed request gets its text in
+  one event, then the result.
 
-A decoder language model generates, scores and embeds; an encoder embeds; a fine-tuned
-classifier classifies. A request for what the model does not do gets a 422.
+A decoder language model generates, scores and embeds; an encoder embeds; an
+encoder-decoder generates; a fine-tuned classifier classifies. A request for what the
+model does not do gets a 422.
 
 Prompts are padded to bucket lengths (16, 32, ... up to the context) and batches to
 fixed sizes, so after ``warm_up`` nothing compiles per request.
@@ -38,6 +42,7 @@ from t2x.infer.engine import Engine, RequestError
 from t2x.infer.model import InferenceModel
 from t2x.infer.sampling import Sampling
 from t2x.infer.score import POOLINGS, Scorer
+from t2x.infer.seq2seq import Seq2Seq
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ class GenerateBody(BaseModel):
     seed: int = 0
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
+    num_beams: int = 1  # beam search (encoder-decoders)
+    length_penalty: float = 0.6
 
 
 class ScoreBody(BaseModel):
@@ -87,9 +94,21 @@ class ClassifyBody(BaseModel):
     texts: list[str] = Field(min_length=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Translation:
+    """An encoder-decoder's generate request, batched as texts are."""
+
+    prompt: str
+    sampling: Sampling
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.prompt]
+
+
 @dataclasses.dataclass
 class _Job:
-    kind: str  # generate | score | embed | classify
+    kind: str  # generate | translate | score | embed | classify
     payload: Any
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
@@ -119,6 +138,7 @@ class Worker:
     def __init__(self, model: InferenceModel, limits: Limits):
         self.model, self.limits = model, limits
         self.engine = Engine(model, limits.slots) if model.generates else None  # decoders generate
+        self.seq2seq = Seq2Seq(model, limits.slots) if model.translates else None  # and encoder-decoders
         self.scorer = Scorer(model, batch_size=limits.max_batch)
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=limits.max_queue)
         self.waiting: list[_Job] = []  # generate jobs waiting for a slot
@@ -135,11 +155,15 @@ class Worker:
 
     def warm_up(self) -> None:
         """Compile every shape a request can need: prefill and decode (``Engine.warm_up``),
-        and each score and embed (or classify) bucket."""
+        and each score and embed (or classify) bucket; an encoder-decoder's sampled
+        decoding (``Seq2Seq.warm_up``)."""
         if self.engine is not None:
             self.engine.warm_up()
         text = "x"
         while True:
+            if self.seq2seq is not None:
+                self.seq2seq.warm_up(min(64, self.limits.max_new_tokens))
+                break
             if self.model.generates:
                 self.scorer.score([text])
             if self.model.classifies:
@@ -185,7 +209,7 @@ class Worker:
 
     def _batch(self, jobs: list[_Job]) -> None:
         """Score, embed or classify the waiting requests together, up to max_batch texts per kind."""
-        for kind in ("score", "embed", "classify"):
+        for kind in ("score", "embed", "classify", "translate"):
             group = [j for j in jobs if j.kind == kind and not j.cancelled]
             while group:
                 taken, texts = [], 0
@@ -198,6 +222,14 @@ class Worker:
     def _run_batch(self, kind: str, jobs: list[_Job]) -> None:
         texts = [t for j in jobs for t in j.payload.texts]
         try:
+            if kind == "translate":
+                outputs = self.seq2seq.generate(texts, [j.payload.sampling for j in jobs])
+                for j, output in zip(jobs, outputs):
+                    result = output.to_json()
+                    del result["prompt"]
+                    j.emit({"text": output.text})
+                    j.finish(result)
+                return
             if kind == "score":
                 eos = [j.payload.eos for j in jobs]
                 results: list = []
@@ -396,15 +428,24 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
 
     @app.post("/v1/generate")
     async def generate(body: GenerateBody, request: Request):
-        """Continue a prompt. With "stream": true, server-sent events: {"text": ...} per
-        new piece of text, then {"done": true, ...the result}."""
-        if worker.engine is None:
-            raise RequestError("model", "this model does not generate: only a decoder language model does")
+        """Continue a prompt (a decoder) or answer an input (an encoder-decoder). With
+        "stream": true, server-sent events: {"text": ...} per new piece of text (an
+        encoder-decoder's whole text in one), then {"done": true, ...the result}."""
+        if worker.engine is None and worker.seq2seq is None:
+            raise RequestError("model", "this model does not generate: a decoder language model or an "
+                               "encoder-decoder does")
         wanted = min(64, limits.max_new_tokens) if body.max_new_tokens is None else body.max_new_tokens
-        sampling = Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, tuple(body.stop))
+        sampling = Sampling(wanted, body.temperature, body.top_k, body.top_p, body.seed, tuple(body.stop),
+                            body.num_beams, body.length_penalty)
         for field, problem in sampling.problems(limits.max_new_tokens):
             raise RequestError(field, problem)
-        job = submit("generate", worker.engine.encode(body.prompt, sampling), stream=body.stream)
+        if worker.seq2seq is not None:
+            worker.seq2seq.check(sampling)
+            _check_texts([body.prompt], limits)
+            worker.seq2seq.inputs([body.prompt])  # too long, or an unknown sentinel: a 422 now
+            job = submit("translate", _Translation(body.prompt, sampling), stream=body.stream)
+        else:
+            job = submit("generate", worker.engine.encode(body.prompt, sampling), stream=body.stream)
         if not body.stream:
             return await wait(job, request)
 
@@ -481,16 +522,8 @@ def _check_texts(texts: list[str], limits: Limits, verb: str | None = None) -> N
 
 
 def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
-    """Compile every shape, then serve until interrupted.
-
-    Raises:
-      RequestError: an encoder-decoder, which the server does not serve yet.
-    """
+    """Compile every shape, then serve until interrupted."""
     import uvicorn
-
-    if model.cfg.model.family not in POOLINGS and not model.classifies:
-        raise RequestError("model", f"t2x serve serves decoders, encoders and classifiers; {model.cfg.model.family} "
-                           "models are trained, evaluated and exported, but not served yet")
 
     worker = Worker(model, limits)
     started = time.monotonic()
@@ -498,6 +531,9 @@ def serve(model: InferenceModel, host: str = "127.0.0.1", port: int = 8000, limi
     if worker.engine is not None:
         log.info("compiled prefill and decode at lengths %s for up to %d prompts, and score/embed batches of %d, "
                  "in %.1f s", worker.engine.buckets, limits.slots, limits.max_batch, time.monotonic() - started)
+    elif worker.seq2seq is not None:
+        log.info("compiled decoding of up to %d inputs at each input length in %.1f s", worker.seq2seq.batch_size,
+                 time.monotonic() - started)
     else:
         log.info("compiled %s batches of %d in %.1f s", "classify" if model.classifies else "embed",
                  limits.max_batch, time.monotonic() - started)

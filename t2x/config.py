@@ -342,7 +342,7 @@ class ClassifyConfig:
 
     labels: tuple[str, ...] = ()  # the classes, in order; empty: not a classification run
     label_key: str = "label"  # field (JSONL, TFDS) or column (CSV, TSV) holding the label
-    pooling: str = "auto"  # auto (cls for encoders, last for decoders) | cls | mean | last
+    pooling: str = "auto"  # auto (cls for encoders, last for decoders, mean for encoder-decoders) | cls | mean | last
 
     def __post_init__(self):
         _one_of("classify.pooling", self.pooling, ["auto", "cls", "mean", "last"])
@@ -405,10 +405,9 @@ class Config:
                  "train.sample_tokens: only a decoder language model continues a prompt; set train.sample_tokens=0")
         if self.classify.enabled:
             pooling = self.classify.pooling
-            _require(self.model.family in ("decoder", "encoder"),
-                     f"classify: model.family={self.model.family} has no classification head yet; use an encoder or decoder")
             _require(pooling != "cls" or self.model.family == "encoder",
-                     "classify.pooling=cls pools an encoder's first ([CLS]) token; a decoder pools last or mean")
+                     "classify.pooling=cls pools an encoder's first ([CLS]) token; a decoder or an encoder-decoder "
+                     "pools last or mean")
         if self.objective.next_sentence:
             _require(self.model.family == "encoder" and self.model.type_vocab_size >= 2,
                      "objective.next_sentence pairs sentences A and B in an encoder: set model.family=encoder and "

@@ -91,11 +91,18 @@ def stacked(per_layer: list[dict], scanned: bool) -> dict:
 
 def relayout(params: dict, m: ModelConfig) -> dict:
     """``params`` with their blocks laid out as ``m.scan_layers`` wants (stacked on a
-    leading axis, or unrolled), whichever layout they came in."""
-    blocks = params["blocks"]
-    if ("layers" in blocks) == m.scan_layers:
+    leading axis, or unrolled), whichever layout they came in; an encoder-decoder's
+    encoder and decoder stacks each."""
+    if m.family == "encoder_decoder":
+        return {**params, "encoder": _relayout(params["encoder"], m.num_layers, m.scan_layers),
+                "decoder": _relayout(params["decoder"], m.decoder_layers, m.scan_layers)}
+    return _relayout(params, m.num_layers, m.scan_layers)
+
+
+def _relayout(params: dict, num_layers: int, scan: bool) -> dict:
+    if ("layers" in params["blocks"]) == scan:
         return params
-    return {**params, "blocks": stacked(layers(params, m.num_layers), m.scan_layers)}
+    return {**params, "blocks": stacked(layers(params, num_layers), scan)}
 
 
 def check_shapes(params: Any, abstract: Any, where: str) -> None:

@@ -141,3 +141,43 @@ def test_a_pretrained_encoder_fine_tunes_past_the_majority_class(tmp_path, caplo
             status, body = call(url, path, request)
             assert status == 422 and json.loads(body)["error"]["field"] == "model", (path, body)
     assert sum(c["label"] == t for c, t in zip(classes, truth)) >= 4
+
+
+def test_an_encoder_decoder_fine_tunes_its_encoder_as_a_classifier(tmp_path, caplog):
+    from t2x.config import ConfigError
+    from t2x.export import write_export
+    from t2x.models import abstract_params
+    from t2x.models.encdec import EncoderDecoder
+    from test_seq2seq import seq2seq_config
+
+    # A T5's export (random parameters) is the start: its encoder and embedding are taken.
+    t5 = seq2seq_config(tmp_path / "unused")
+    shapes, _ = abstract_params(EncoderDecoder(t5.model), 8)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: 0.3 * rng.standard_normal(x.shape).astype(np.float32), shapes)
+    tokenizer = load_tokenizer(t5.data.tokenizer)
+    write_export(str(tmp_path / "t5"), t5, params, tokenizer.files, {"kind": "test", "path": "t5"}, "float32")
+    topics = ["data.source=files", f"data.train_files=[{REPO}/t2x/data/sets/stdlib_topics/train.jsonl]",
+              f"data.eval_files=[{REPO}/t2x/data/sets/stdlib_topics/validation.jsonl]", f"classify.labels=[{','.join(LABELS)}]",
+              "classify.label_key=label", f"data.tokenizer={tmp_path / 't5'}", f"train.init_from={tmp_path / 't5'}"]
+    with pytest.raises(ConfigError, match="classify.pooling=cls pools an encoder's first"):
+        seq2seq_config(tmp_path / "cls", *topics, "classify.pooling=cls")
+    with caplog.at_level(logging.INFO, logger="t2x.train.loop"):
+        result = train(seq2seq_config(tmp_path / "ft", *topics, "train.steps=2"))
+    import re
+
+    assert re.search(r"not used: decoder/[^;\n]*; new: classifier\n", caplog.text)
+    assert result["labels"] == LABELS and result["step"] == 2
+    # Its logits are the encoder's states, mean-pooled over the text, through the head.
+    trained = load(str(tmp_path / "ft"))
+    assert trained.cfg.classify.pooling == "auto" and trained.module.pooling == "mean"
+    tokens = np.asarray(np.random.default_rng(1).integers(4, 500, (2, 10)), np.int32)
+    segment_ids = np.asarray([[1] * 10, [1] * 6 + [0] * 4], np.int32)
+    p = jax.device_get(trained.params)
+    logits = np.asarray(trained.module.apply({"params": p}, tokens, None, segment_ids))[:, 0]
+    states = np.asarray(EncoderDecoder(t5.model).apply({"params": p["backbone"]}, tokens, None, segment_ids,
+                                                       method="encode"))
+    pooled = np.stack([states[0].mean(0), states[1, :6].mean(0)])
+    head = p["classifier"]  # no bias: T5 has none (model.use_bias)
+    assert "bias" not in head
+    np.testing.assert_allclose(logits, pooled @ head["kernel"], rtol=1e-5, atol=1e-5)

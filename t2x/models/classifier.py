@@ -1,4 +1,5 @@
-"""A classification head on a pretrained backbone (an encoder or a decoder)."""
+"""A classification head on a pretrained backbone (an encoder, a decoder, or the encoder
+of an encoder-decoder)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class Classifier(nn.Module):
     Pooling: ``cls`` takes the first (BOS, [CLS]) token through BERT's pooler (dense +
     tanh); ``mean`` averages the tokens of the row; ``last`` takes its last token (EOS),
     the one a decoder has read everything before.
+
+    An encoder-decoder's backbone is the whole ``EncoderDecoder`` module of which only
+    ``encode`` runs, so its parameters are the shared embedding and the encoder (the
+    decoder's are left out, and reported unused when fine-tuning starts from one).
     """
 
     cfg: ModelConfig
@@ -41,8 +46,11 @@ class Classifier(nn.Module):
 
         cfg = self.cfg
         real = jnp.ones_like(tokens) if segment_ids is None else (segment_ids > 0).astype(tokens.dtype)
-        states = family(cfg.family).model(cfg, name=BACKBONE)(
-            tokens, positions, real, deterministic=deterministic, hidden=True)  # [batch, seq, d_model]
+        backbone = family(cfg.family).model(cfg, name=BACKBONE)
+        if cfg.family == "encoder_decoder":
+            states = backbone.encode(tokens, positions, real, deterministic)
+        else:
+            states = backbone(tokens, positions, real, deterministic=deterministic, hidden=True)  # [batch, seq, d_model]
         if self.pooling == "cls":
             pooled = jnp.tanh(dense(cfg, cfg.d_model, ("embed", "embed_out"), name="pooler")(states[:, 0]))
         elif self.pooling == "mean":
@@ -57,7 +65,8 @@ class Classifier(nn.Module):
 
 
 def pooling_of(cfg: ModelConfig, pooling: str) -> str:
-    """``classify.pooling`` resolved: ``auto`` is ``cls`` for encoders, ``last`` for decoders."""
+    """``classify.pooling`` resolved: ``auto`` is ``cls`` for encoders, ``last`` for
+    decoders and ``mean`` for encoder-decoders (whose encoders have no [CLS] token)."""
     if pooling != "auto":
         return pooling
-    return "cls" if cfg.family == "encoder" else "last"
+    return {"encoder": "cls", "encoder_decoder": "mean"}.get(cfg.family, "last")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from t2x.config import MeshConfig, ModelConfig, load_config
+from t2x.hf import t5
 from t2x.models import abstract_params, count_params
 from t2x.models.encdec import EncoderDecoder, init_cache
 from t2x.models.positions import relative_position_bucket, sinusoidal_positions
@@ -52,68 +53,19 @@ def padded_inputs(rng, batch, enc_len, dec_len, vocab=61):
     return enc, dec, enc_seg, dec_seg
 
 
-# t2x <-> transformers' T5 parameter names. (It belongs in t2x's Hugging Face conversion
-# module once that is a package; until then the test keeps it.)
-
-
-def _layer(tree, i, scanned):
-    return jax.tree.map(lambda x: x[i], tree["layers"]) if scanned else tree[f"layers_{i}"]
-
-
-def to_transformers_t5(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """A T5ForConditionalGeneration state dict (float32 NumPy arrays) of t2x parameters."""
-    d = cfg.d_model
-    out = {"shared.weight": params["embed"]["embedding"]}
-    out["encoder.embed_tokens.weight"] = out["decoder.embed_tokens.weight"] = out["shared.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = params["lm_head"]["kernel"].T
-
-    def attention(prefix, p):
-        for t2x_name, hf_name in (("query", "q"), ("key", "k"), ("value", "v")):
-            out[f"{prefix}.{hf_name}.weight"] = p[t2x_name]["kernel"].reshape(d, -1).T
-        out[f"{prefix}.o.weight"] = p["out"]["kernel"].reshape(-1, d).T
-
-    for stack, layers in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
-        tree = params[stack]
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = \
-            tree["relative_bias"]["embedding"]
-        out[f"{stack}.final_layer_norm.weight"] = tree["final_norm"]["scale"]
-        for i in range(layers):
-            p, block = _layer(tree["blocks"], i, cfg.scan_layers), f"{stack}.block.{i}.layer"
-            attention(f"{block}.0.SelfAttention", p["attn"])
-            out[f"{block}.0.layer_norm.weight"] = p["attn_norm"]["scale"]
-            mlp = 1
-            if stack == "decoder":
-                attention(f"{block}.1.EncDecAttention", p["cross_attn"])
-                out[f"{block}.1.layer_norm.weight"] = p["cross_norm"]["scale"]
-                mlp = 2
-            ff = f"{block}.{mlp}.DenseReluDense"
-            if cfg.mlp == "geglu":
-                out[f"{ff}.wi_0.weight"] = p["mlp"]["gate"]["kernel"].T
-                out[f"{ff}.wi_1.weight"] = p["mlp"]["up"]["kernel"].T
-            else:
-                out[f"{ff}.wi.weight"] = p["mlp"]["up"]["kernel"].T
-            out[f"{ff}.wo.weight"] = p["mlp"]["down"]["kernel"].T
-            out[f"{block}.{mlp}.layer_norm.weight"] = p["mlp_norm"]["scale"]
-    return {k: np.asarray(v, np.float32) for k, v in out.items()}
-
-
 def transformers_t5(params, cfg: ModelConfig):
-    """transformers' T5ForConditionalGeneration of ``cfg``'s shape holding ``params``."""
+    """transformers' T5ForConditionalGeneration of ``cfg``'s shape holding ``params``, by
+    t2x's T5 mapping (``t2x.hf.t5``)."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    hf_cfg = T5Config(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.head_size, d_ff=cfg.d_ff,
-                      num_layers=cfg.num_layers, num_decoder_layers=cfg.decoder_layers, num_heads=cfg.num_heads,
-                      relative_attention_num_buckets=cfg.relative_buckets,
-                      relative_attention_max_distance=cfg.relative_max_distance, dropout_rate=0.0,
-                      layer_norm_epsilon=cfg.norm_eps, feed_forward_proj="gated-gelu" if cfg.mlp == "geglu" else "relu",
-                      tie_word_embeddings=cfg.tie_embeddings, attn_implementation="eager")
-    model = T5ForConditionalGeneration(hf_cfg).eval()
-    state = {k: torch.from_numpy(v.copy()) for k, v in to_transformers_t5(params, cfg).items()}
+    config = t5.hf_config(cfg, "float32", {"bos_token": 0, "eos_token": 1})
+    model = T5ForConditionalGeneration(T5Config(**config, attn_implementation="eager")).eval()
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in t5.tensors(cfg, jax.device_get(params)).items()}
     head = state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}  # views of shared.weight
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
     if head is not None:  # transformers 5 always ties lm_head; T5 1.1's is its own
         model.lm_head.weight = torch.nn.Parameter(head)
     return model

@@ -37,7 +37,7 @@ def refuse_export(option: str, why: str) -> NoReturn:
 
 def refuse_import(hf: dict, key: str, why: str) -> NoReturn:
     """Raise the ExportError of a ``config.json`` option t2x cannot reproduce, naming it."""
-    raise ExportError(f"config.json {key}={hf.get(key)!r}: {why}; t2x imports plain GPT-2, Llama and BERT models")
+    raise ExportError(f"config.json {key}={hf.get(key)!r}: {why}; t2x imports plain GPT-2, Llama, BERT and T5 models")
 
 
 def read_json(path: str, what: str) -> dict:

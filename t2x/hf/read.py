@@ -1,7 +1,7 @@
-"""``t2x import-hf``: a local Hugging Face ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or
-BERT directory (safetensors weights, ``tokenizer.json`` or SentencePiece
-``tokenizer.model``) read as t2x parameters, config and tokenizer, and written as a t2x
-export; what t2x cannot reproduce is refused by name.
+"""``t2x import-hf``: a local Hugging Face ``GPT2LMHeadModel``, ``LlamaForCausalLM``,
+BERT or ``T5ForConditionalGeneration`` directory (safetensors weights, ``tokenizer.json``
+or SentencePiece ``tokenizer.model``) read as t2x parameters, config and tokenizer, and
+written as a t2x export; what t2x cannot reproduce is refused by name.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ import numpy as np
 from t2x.config import ConfigError, load_config
 from t2x.data.tokenizer import HF_FILE, SENTENCEPIECE_FILE, TokenizerError, from_files
 from t2x.export import Exported, ExportError, check_dtype, write_export
-from t2x.hf import bert, decoder
+from t2x.hf import bert, decoder, t5
 from t2x.hf.format import float32_or_bfloat16, read_json, read_weights
+from t2x.hf.tokenizer import seq2seq_import_files
 
 
 def _architecture(hf: dict) -> str:
     """The class a ``config.json`` describes (its ``architectures``, else its ``model_type``)."""
-    arch = (hf.get("architectures") or [None])[0] or {**decoder.MODEL_TYPES, "bert": bert.ENCODER}.get(
-        hf.get("model_type"))
-    if arch not in (decoder.GPT2, decoder.LLAMA, *bert.ARCHITECTURES):
+    arch = (hf.get("architectures") or [None])[0] or {
+        **decoder.MODEL_TYPES, "bert": bert.ENCODER, "t5": t5.ARCHITECTURE}.get(hf.get("model_type"))
+    if arch not in (decoder.GPT2, decoder.LLAMA, *bert.ARCHITECTURES, t5.ARCHITECTURE):
         raise ExportError(f"config.json describes {arch or hf.get('model_type')!r}; t2x imports {decoder.GPT2}, "
-                          f"{decoder.LLAMA} and BERT ({', '.join(bert.ARCHITECTURES)}) models")
+                          f"{decoder.LLAMA}, BERT ({', '.join(bert.ARCHITECTURES)}) and {t5.ARCHITECTURE} models")
     return arch
 
 
@@ -33,7 +34,9 @@ def read_hf(hf_dir: str, encoder_only: bool = False) -> Exported:
 
     Args:
       hf_dir: a ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``BertForMaskedLM``,
-        ``BertForPreTraining`` or ``BertModel`` directory.
+        ``BertForPreTraining``, ``BertModel`` or ``T5ForConditionalGeneration``
+        directory. A T5's tokenizer gets the decoder's start token as its BOS (see
+        ``t2x.hf.t5``).
       encoder_only: a BERT's encoder without its masked-LM head (what a fine-tuned
         classifier's backbone takes); the only way a ``BertModel`` reads.
 
@@ -52,16 +55,23 @@ def read_hf(hf_dir: str, encoder_only: bool = False) -> Exported:
         raise ExportError(f"{hf_dir} is not a directory")
     hf = read_json(os.path.join(hf_dir, "config.json"), "the model config")
     arch = _architecture(hf)
-    is_bert = arch in bert.ARCHITECTURES
+    is_bert, is_t5 = arch in bert.ARCHITECTURES, arch == t5.ARCHITECTURE
     if encoder_only and not is_bert:
         raise ExportError(f"encoder_only reads BERT checkpoints; {hf_dir} is a {arch}")
-    tensors = read_weights(hf_dir) if is_bert else None  # BERT's settings depend on a tensor
-    model = bert.model_settings(arch, hf, tensors) if is_bert else decoder.model_settings(arch, hf)
+    tensors = read_weights(hf_dir)  # BERT's and T5's settings depend on a tensor
+    if is_bert:
+        model = bert.model_settings(arch, hf, tensors)
+    elif is_t5:
+        model = t5.model_settings(hf, tensors)
+    else:
+        model = decoder.model_settings(arch, hf)
     files = read_files(hf_dir)
     if HF_FILE in files:  # what AutoTokenizer reads first
         files = {k: v for k, v in files.items() if k != SENTENCEPIECE_FILE}
     if not files:
         raise ExportError(f"{hf_dir} has no tokenizer.json or tokenizer.model")
+    if is_t5:
+        files = seq2seq_import_files(files, t5.decoder_start(hf, hf_dir), hf_dir)
     try:
         tokenizer = from_files(files, hf_dir)
     except TokenizerError as e:
@@ -89,8 +99,10 @@ def read_hf(hf_dir: str, encoder_only: bool = False) -> Exported:
         params, left_out = bert.params(cfg.model, arch, tensors, hf_dir, encoder_only)
         if left_out:
             source["left_out"] = left_out
+    elif is_t5:
+        params = t5.params(cfg.model, tensors, hf_dir)
     else:
-        params = decoder.params(cfg.model, arch, read_weights(hf_dir), hf_dir)
+        params = decoder.params(cfg.model, arch, tensors, hf_dir)
     return Exported(cfg, float32_or_bfloat16(params, hf_dir), files, source)
 
 

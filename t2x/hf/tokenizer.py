@@ -1,18 +1,23 @@
 """A t2x tokenizer as the ``tokenizer.json`` and ``tokenizer_config.json`` that
 ``transformers.AutoTokenizer`` reads: SentencePiece models converted, ``tokenizer.json``
 ones kept; sequences framed as the family's rows are (a decoder's BOS text, an
-encoder's BOS text EOS), and an encoder's mask token included.
+encoder's BOS text EOS, an encoder-decoder's text EOS), an encoder's mask token and an
+encoder-decoder's sentinels included. And back: an imported encoder-decoder's tokenizer
+made to read as t2x's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from t2x.config import ModelConfig
-from t2x.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Tokenizer
+from t2x.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Tokenizer, TokenizerError, from_files
 from t2x.export import ExportError
 
 MASK_TOKEN = "<mask>"  # the added token at an encoder's reserved mask id
+SENTINEL = "<extra_id_{}>"  # an encoder-decoder's k-th sentinel, as T5 spells it
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 def sentencepiece_to_hf(proto: bytes) -> bytes:
@@ -106,8 +111,31 @@ def _as_encoder(tokenizer_json: bytes, tokenizer: Tokenizer, token_types: int) -
     return backend.to_str().encode(), mask
 
 
+def _as_seq2seq(tokenizer_json: bytes, tokenizer: Tokenizer, sentinels: int) -> tuple[bytes, list[str]]:
+    """``tokenizer_json`` framing sequences as encoder-decoder rows, ``$A EOS`` (pairs
+    ``$A EOS $B EOS``, as T5's), with ``sentinels`` sentinel tokens ``<extra_id_k>``
+    added at the ids t2x's span corruption gives them: k past the tokenizer's vocabulary.
+    A tokenizer that has ``<extra_id_k>`` tokens of its own (an imported T5's) keeps them
+    and gets none added. Returns the file and the tokens added."""
+    from tokenizers import AddedToken, processors
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(tokenizer_json.decode())
+    own = backend.token_to_id(SENTINEL.format(0)) is not None
+    names = [] if own else [SENTINEL.format(k) for k in range(sentinels)]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    for k, name in enumerate(names):
+        if backend.token_to_id(name) != tokenizer.vocab_size + k:
+            raise ExportError(f"--format hf: {name} would be token {backend.token_to_id(name)} of tokenizer.json, "
+                              f"but span corruption used id {tokenizer.vocab_size + k} for sentinel {k}")
+    eos = backend.id_to_token(tokenizer.eos_id)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {eos}:0", pair=f"$A:0 {eos}:0 $B:0 {eos}:0", special_tokens=[(eos, tokenizer.eos_id)])
+    return backend.to_str().encode(), names
+
+
 def tokenizer_files(
-    files: dict[str, bytes], tokenizer: Tokenizer, encoder: ModelConfig | None = None
+    files: dict[str, bytes], tokenizer: Tokenizer, model: ModelConfig | None = None, sentinels: int = 0
 ) -> tuple[dict[str, bytes], dict[str, int]]:
     """``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer``, and the ids
     of the special tokens the config names (``{"bos_token": 2, ...}``).
@@ -115,9 +143,12 @@ def tokenizer_files(
     Args:
       files: the t2x tokenizer's files (``tokenizer`` is what they make).
       tokenizer: the tokenizer.
-      encoder: an encoder's model config: rows become ``BOS text EOS`` ([CLS] text [SEP])
-        with token types, the config names cls, sep and mask tokens too, and sequences
-        are at most ``max_seq_len`` long.
+      model: the model config. An encoder's rows become ``BOS text EOS`` ([CLS] text
+        [SEP]) with token types, the config names cls, sep and mask tokens too, and
+        sequences are at most ``max_seq_len`` long. An encoder-decoder's become
+        ``text EOS`` (a decoder's stay ``BOS text``).
+      sentinels: an encoder-decoder's span-corruption sentinels, added as the special
+        tokens ``<extra_id_0>``, ``<extra_id_1>``, ... at the ids it trained them with.
 
     Raises:
       ExportError: the tokenizer cannot be converted exactly.
@@ -129,11 +160,16 @@ def tokenizer_files(
     specials = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
     if SENTENCEPIECE_FILE in files:
         specials |= {"unk_token": tokenizer.processor.unk_id(), "pad_token": tokenizer.processor.pad_id()}
-    if encoder is not None:
-        tokenizer_json, mask = _as_encoder(tokenizer_json, tokenizer, encoder.type_vocab_size)
+    family = model.family if model is not None else "decoder"
+    if family == "encoder":
+        tokenizer_json, mask = _as_encoder(tokenizer_json, tokenizer, model.type_vocab_size)
         specials |= {"cls_token": tokenizer.bos_id, "sep_token": tokenizer.eos_id, "mask_token": mask}
-        config.setdefault("model_max_length", encoder.max_seq_len)
+        config.setdefault("model_max_length", model.max_seq_len)
         config.setdefault("model_input_names", ["input_ids", "token_type_ids", "attention_mask"])
+    elif family == "encoder_decoder":
+        tokenizer_json, added = _as_seq2seq(tokenizer_json, tokenizer, sentinels)
+        if added:
+            config["additional_special_tokens"] = added
     backend = Backend.from_str(tokenizer_json.decode())
     for key, i in specials.items():
         if i >= 0 and key not in config:
@@ -146,3 +182,69 @@ def tokenizer_files(
         if key.endswith("_token") and isinstance(token, str) and backend.token_to_id(token) is not None:
             ids[key] = backend.token_to_id(token)
     return {HF_FILE: tokenizer_json, HF_CONFIG_FILE: json.dumps(config, indent=2).encode()}, ids
+
+
+def seq2seq_import_files(files: dict[str, bytes], start_id: int, where: str) -> dict[str, bytes]:
+    """An imported encoder-decoder's tokenizer files, made to read as t2x's.
+
+    Sentinels laid out as t2x's export writes them (``<extra_id_k>``, added tokens at
+    the k-th id past the rest of the vocabulary) are taken out, so that t2x's span
+    corruption and generation, which reserve the ids past the tokenizer's vocabulary,
+    give ``<extra_id_k>`` the id it had. T5's own (added tokens too, but ``<extra_id_0>``
+    the last id, counting down) stay in the vocabulary. And the BOS becomes the token at
+    ``start_id``, the id the decoder starts from, since t2x starts it from BOS:
+    ``tokenizer_config.json`` names that token as ``bos_token`` (T5's ``<pad>``).
+    Files that need neither change are returned as they are.
+
+    Raises:
+      ExportError: no token has id ``start_id``, or a SentencePiece model's BOS is another.
+    """
+    try:
+        tokenizer = from_files(files, where)
+        if HF_FILE not in files:
+            if tokenizer.bos_id != start_id:
+                raise ExportError(f"{where}: config.json says the decoder starts from token {start_id} "
+                                  f"(decoder_start_token_id), but the BOS of its {SENTENCEPIECE_FILE} is "
+                                  f"{tokenizer.bos_id}; t2x starts it from BOS: give the directory a {HF_FILE}")
+            return files
+        config = json.loads(files[HF_CONFIG_FILE]) if HF_CONFIG_FILE in files else {}
+        tokenizer_json = _without_t2x_sentinels(files[HF_FILE], config, tokenizer.vocab_size)
+        if tokenizer.bos_id == start_id and tokenizer_json is None:
+            return files
+        if tokenizer.bos_id != start_id:
+            token = tokenizer.backend.id_to_token(start_id)
+            if token is None:
+                raise ExportError(f"{where}: config.json decoder_start_token_id={start_id} is no token of {HF_FILE}")
+            config["bos_token"] = token
+        out = {HF_FILE: tokenizer_json or files[HF_FILE],
+               HF_CONFIG_FILE: json.dumps(config, indent=2, ensure_ascii=False).encode()}
+        if from_files(out, where).bos_id != start_id:
+            raise ExportError(f"{where}: the decoder's start token {start_id} cannot be made the tokenizer's BOS")
+    except TokenizerError as e:
+        raise ExportError(str(e)) from None
+    return out
+
+
+def _without_t2x_sentinels(tokenizer_json: bytes, config: dict, vocab_size: int) -> bytes | None:
+    """``tokenizer_json`` without the ``<extra_id_k>`` added tokens at ids
+    ``vocab_size - sentinels + k`` (t2x's layout), and ``config`` (changed in place)
+    without them among its special tokens; None when it has no such sentinels."""
+    from tokenizers import Tokenizer as Backend
+
+    spec = json.loads(tokenizer_json)
+    added = spec.get("added_tokens", [])
+    sentinels = {t["id"]: int(m.group(1)) for t in added if (m := _SENTINEL.fullmatch(t["content"]))}
+    if not sentinels or any(i != vocab_size - len(sentinels) + k for i, k in sentinels.items()):
+        return None
+    stripped = json.dumps({**spec, "added_tokens": [t for t in added if t["id"] not in sentinels]},
+                          ensure_ascii=False)
+    if Backend.from_str(stripped).get_vocab_size(with_added_tokens=True) != vocab_size - len(sentinels):
+        return None  # pieces of the model's own vocabulary too: they stay
+    names = {SENTINEL.format(k) for k in sentinels.values()}
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        if isinstance(config.get(key), list):
+            config[key] = [t for t in config[key] if (t.get("content") if isinstance(t, dict) else t) not in names]
+    if isinstance(config.get("added_tokens_decoder"), dict):
+        config["added_tokens_decoder"] = {i: t for i, t in config["added_tokens_decoder"].items()
+                                          if int(i) not in sentinels}
+    return stripped.encode()

@@ -15,15 +15,17 @@ import numpy as np
 from t2x.config import ModelConfig
 from t2x.data.tokenizer import TokenizerError, from_files
 from t2x.export import DTYPES, Exported, ExportError, cast, check_dtype, staged_directory
-from t2x.hf import bert, decoder
-from t2x.hf.format import WEIGHTS, refuse_export
+from t2x.families import family
+from t2x.hf import bert, decoder, t5
+from t2x.hf.format import WEIGHTS
 from t2x.hf.tokenizer import tokenizer_files
 
 
 def architecture(m: ModelConfig) -> str:
     """The Hugging Face class that represents ``m`` exactly: ``GPT2LMHeadModel`` or
     ``LlamaForCausalLM`` for a decoder, ``BertForMaskedLM`` for an encoder (written as
-    ``BertForPreTraining`` when its parameters hold the next-sentence head).
+    ``BertForPreTraining`` when its parameters hold the next-sentence head),
+    ``T5ForConditionalGeneration`` for an encoder-decoder.
 
     Raises:
       ExportError: no supported class does; the message names the option.
@@ -32,14 +34,13 @@ def architecture(m: ModelConfig) -> str:
         return decoder.architecture(m)
     if m.family == "encoder":
         return bert.architecture(m)
-    refuse_export(f"model.family={m.family}",
-                  f"decoders export as {decoder.GPT2} or {decoder.LLAMA}, encoders as {bert.MASKED_LM}")
+    return t5.architecture(m)
 
 
 def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     """Write ``exported`` as a Hugging Face model directory (config.json,
-    model.safetensors, tokenizer.json, tokenizer_config.json, and a decoder's
-    generation_config.json); returns its config.json.
+    model.safetensors, tokenizer.json, tokenizer_config.json, and a decoder's or
+    encoder-decoder's generation_config.json); returns its config.json.
 
     Raises:
       ExportError: the model or tokenizer cannot be represented exactly (naming the
@@ -50,17 +51,22 @@ def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     check_dtype(dtype)
     m = exported.cfg.model
     arch = architecture(m)
-    encoder = m.family == "encoder"
     try:
         tokenizer = from_files(exported.tokenizer_files, "export")
-        files, specials = tokenizer_files(exported.tokenizer_files, tokenizer, m if encoder else None)
+        # an encoder-decoder's span-corruption sentinels: ids past the tokenizer's vocabulary
+        reserved = family(m.family).reserved_ids(exported.cfg, tokenizer) if m.family == "encoder_decoder" else []
+        sentinels = sum(i < m.vocab_size for i in reserved)
+        files, specials = tokenizer_files(exported.tokenizer_files, tokenizer, m, sentinels)
     except TokenizerError as e:
         raise ExportError(f"--format hf: {e}") from None
     params = cast(exported.params, dtype)
-    if encoder:
+    if m.family == "encoder":
         arch = bert.exported_class(params)
         tensors, config = bert.tensors(m, params), bert.hf_config(m, arch, dtype, specials)
         json_files = {"config.json": config}
+    elif m.family == "encoder_decoder":
+        tensors, config = t5.tensors(m, params), t5.hf_config(m, dtype, specials)
+        json_files = {"config.json": config, "generation_config.json": t5.generation_config(config)}
     else:
         tensors, config = decoder.tensors(m, arch, params), decoder.hf_config(m, arch, dtype, specials)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}

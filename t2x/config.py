@@ -252,6 +252,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per step (optax.MultiSteps)
     seed: int = 0
     z_loss: float = 0.0  # coefficient of log(Z)^2
+    label_smoothing: float = 0.0  # of each token's target, this much spread evenly over the vocabulary
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
     max_consecutive_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps in a row
     log_every: int = 10
@@ -267,6 +268,7 @@ class TrainConfig:
         for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every", "max_consecutive_skips"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")
+        _require(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")

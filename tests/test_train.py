@@ -135,6 +135,26 @@ def test_z_loss_metric_and_gradient_match_a_float64_reference(tmp_path):
     assert analytic == pytest.approx(numeric, rel=2e-4)
 
 
+def test_label_smoothing_matches_a_float64_reference_and_keeps_the_reported_loss(tmp_path):
+    batch = _batch(seed=1)
+    c, state, _, metrics = _one_step(tiny_config(tmp_path, "train.label_smoothing=0.1"), batch)
+    example = causal_lm(batch, c.tokenizer.bos_id)
+    ex = {k: np.asarray(v) for k, v in {**example["model"], **example}.items() if k != "model"}
+    params = jax.device_get(state.params)
+    logits = reference.forward(params, c.cfg.model, ex["tokens"], ex["positions"], ex["segment_ids"])
+    log_p = logits - (np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) + logits.max(-1, keepdims=True))
+    target = np.full(logits.shape, 0.1 / logits.shape[-1])  # the smoothed target distribution
+    np.put_along_axis(target, ex["targets"][..., None], 0.9 + 0.1 / logits.shape[-1], -1)
+    w = ex["weights"]
+    smoothed = (-(target * log_p).sum(-1) * w).sum() / w.sum()
+    nll = (-np.take_along_axis(log_p, ex["targets"][..., None], -1)[..., 0] * w).sum() / w.sum()
+    with sharding_context(c.mesh):
+        value, (nll_sum, _, _) = make_objective(c.model, c.cfg)(state.params, example, jnp.sum(example["weights"]),
+                                                                 jax.random.key(0))
+    assert float(value) == pytest.approx(smoothed, rel=1e-5) and float(nll_sum) / w.sum() == pytest.approx(nll, rel=1e-5)
+    assert abs(smoothed - nll) > 1e-3  # the smoothing is not lost in the tolerance
+
+
 def test_adafactor_steps_are_per_layer_whether_layers_are_scanned_or_not(tmp_path):
     """Update clipping and parameter-scaled steps look at one layer, not the whole stack."""
     cfg = tiny_config(tmp_path, "optim.name=adafactor", "optim.clip_norm=null", "optim.warmup_steps=0")

@@ -22,15 +22,21 @@ Batch = dict[str, jax.Array]
 def make_objective(model: nn.Module, cfg: Config) -> Callable:
     """``objective(params, example, total_weight, rng) -> (value, (nll_sum, z_sum, head_sums))``.
 
-    ``value`` is (sum of token NLL + ``train.z_loss`` x sum of log(Z)^2) over the
+    ``value`` is (sum of token losses + ``train.z_loss`` x sum of log(Z)^2) over the
     example's weighted tokens, divided by ``total_weight / grad_accum_steps``: the
     whole-batch mean, once the micro-batches' gradients are averaged. A model with
     further heads (BERT's next-sentence prediction) returns ``(logits, {head: logits})``
     and the example holds ``heads[head]``: ``targets``, ``weights`` and ``total`` (the
     whole batch's weight); each head adds its own whole-batch mean NLL.
+
+    A token's loss is its NLL, or with ``train.label_smoothing`` = e the cross-entropy
+    against the target smoothed as the original Transformer's (1 - e on the target, e
+    spread evenly over the vocabulary): (1 - e) NLL + e (log Z - mean logit). ``nll_sum``
+    stays the NLL's, so the reported loss is comparable with and without smoothing.
     """
     k = cfg.train.grad_accum_steps
     z_coef = cfg.train.z_loss
+    smoothing = cfg.train.label_smoothing
     use_dropout = cfg.model.dropout > 0
 
     def objective(params, example, total_weight, rng):
@@ -42,7 +48,11 @@ def make_objective(model: nn.Module, cfg: Config) -> Callable:
         weights = example["weights"]
         nll_sum = jnp.sum(nll * weights)
         z_sum = jnp.sum(jnp.square(log_z) * weights)
-        value = (nll_sum + z_coef * z_sum) * (k / total_weight)
+        loss_sum = nll_sum
+        if smoothing:
+            uniform = log_z - jnp.mean(logits.astype(jnp.float32), axis=-1)  # cross-entropy against uniform
+            loss_sum = jnp.sum(((1 - smoothing) * nll + smoothing * uniform) * weights)
+        value = (loss_sum + z_coef * z_sum) * (k / total_weight)
         head_sums = {}
         for name, head_logits in heads.items():
             head = example["heads"][name]

@@ -159,6 +159,7 @@ def test_a_decoder_refuses_beam_search(tmp_path):
 def test_the_server_generates_from_an_encoder_decoder(model):
     import json
 
+    from t2x.infer.score import Scorer
     from test_server import LIMITS, call, serving
 
     beam = Sampling(max_new_tokens=6, num_beams=3)
@@ -177,6 +178,8 @@ def test_the_server_generates_from_an_encoder_decoder(model):
             status, body = call(url, "/v1/generate", {"prompt": "x", **bad})
             assert status == 422 and json.loads(body)["error"]["field"] == field, body
         assert call(url, "/v1/score", {"texts": ["x"]})[0] == 422
+        status, body = call(url, "/v1/embed", {"texts": INPUTS[:2], "pooling": "max"})
+        np.testing.assert_allclose(json.loads(body)["embeddings"], Scorer(model).embed(INPUTS[:2], "max"), rtol=1e-5)
 
 
 def test_the_cli_generates_from_an_encoder_decoder_export(model, tmp_path, capsys):
@@ -193,3 +196,19 @@ def test_the_cli_generates_from_an_encoder_decoder_export(model, tmp_path, capsy
     for flags, want in (([], expected[0]), (["--num-beams", "3"], Seq2Seq(model).generate(INPUTS[:1], beam)[0])):
         assert main(["generate", str(tmp_path / "export"), "--prompt", INPUTS[0], "--max-new-tokens", "6", *flags]) == 0
         assert json.loads(capsys.readouterr().out)["completions"][0]["tokens"] == want.tokens
+
+
+def test_an_encoder_decoder_embeds_with_its_encoder(model):
+    from t2x.infer.score import Scorer
+
+    tok = model.tokenizer
+    vectors = Scorer(model).embed(INPUTS, "mean", normalize=False)
+    maxed = Scorer(model).embed(INPUTS[:1], "max")
+    for text, vector in zip(INPUTS, vectors):
+        ids = np.array([[*tok.encode([text])[0], tok.eos_id]], np.int32)  # the encoder's row, alone
+        states = np.asarray(EncoderDecoder(model.cfg.model).apply({"params": model.params}, ids, method="encode"))[0]
+        np.testing.assert_allclose(vector, states[:-1].mean(0), rtol=1e-4, atol=1e-5)  # the text's tokens, not EOS
+        if text == INPUTS[0]:
+            np.testing.assert_allclose(maxed[0], states[:-1].max(0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RequestError, match="pools mean, max"):
+        Scorer(model).embed(INPUTS, "cls")

@@ -59,7 +59,7 @@ def windows(text_index: int, ids: list[int], bos: int, window: int, stride: int)
         start += stride
 
 
-POOLINGS = {"decoder": ("mean", "last", "max"), "encoder": ("cls", "mean", "max")}
+POOLINGS = {"decoder": ("mean", "last", "max"), "encoder": ("cls", "mean", "max"), "encoder_decoder": ("mean", "max")}
 
 
 @functools.cache
@@ -73,6 +73,8 @@ def _programs(module):
         return -(nll * weights).sum(axis=-1)
 
     def hidden(params, inputs, segment_ids):
+        if module.cfg.family == "encoder_decoder":  # the encoder's output states
+            return module.apply({"params": params}, inputs, None, segment_ids, method="encode").astype(jnp.float32)
         return module.apply({"params": params}, inputs, None, segment_ids, hidden=True).astype(jnp.float32)
 
     def probabilities(params, inputs, segment_ids):
@@ -143,15 +145,19 @@ class Scorer:
         return out
 
     def _sequences(self, texts: Sequence[str]) -> list[list[int]]:
-        """Each text as the model reads it: BOS and its tokens, and for encoders and
-        classifiers EOS after them ([CLS] text [SEP]), cut to the context."""
+        """Each text as the model reads it, cut to the context: BOS and its tokens; for
+        encoders and classifiers EOS after them ([CLS] text [SEP]); for an encoder-decoder's
+        encoder its tokens and EOS, as it was trained."""
         tok, context = self.model.tokenizer, self.model.context
         closed = self.model.cfg.model.family == "encoder" or self.model.classifies
         out = []
         for i, ids in enumerate(tok.encode(list(texts))):
             if not ids:
                 raise RequestError("texts", f"text {i} is empty: it has no token")
-            out.append([tok.bos_id, *ids[: context - 2], tok.eos_id] if closed else [tok.bos_id, *ids[: context - 1]])
+            if self.model.translates:
+                out.append([*ids[: context - 1], tok.eos_id])
+            else:
+                out.append([tok.bos_id, *ids[: context - 2], tok.eos_id] if closed else [tok.bos_id, *ids[: context - 1]])
         return out
 
     def _batches(self, rows: list[list[int]]):
@@ -167,9 +173,10 @@ class Scorer:
 
     def embed(self, texts: Sequence[str], pooling: str = "mean", normalize: bool = False) -> np.ndarray:
         """One vector per text [len(texts), d_model] (float32), pooled from the model's
-        final hidden states: ``mean`` or ``max`` over the text's tokens (BOS and EOS left
-        out), the first token's (``cls``, encoders: [CLS]) or the last token's (``last``,
-        decoders). Texts longer than the context are cut to fit it.
+        final hidden states (an encoder-decoder's: its encoder's): ``mean`` or ``max``
+        over the text's tokens (BOS and EOS left out), the first token's (``cls``,
+        encoders: [CLS]) or the last token's (``last``, decoders). Texts longer than the
+        context are cut to fit it.
 
         Raises:
           RequestError: a pooling the model's family lacks, a classifier, or an empty text.
@@ -178,17 +185,20 @@ class Scorer:
         if self.model.classifies:
             raise RequestError("model", "a classifier classifies texts; embed with the model it was fine-tuned from")
         if family not in POOLINGS:
-            raise RequestError("model", f"embeddings come from a decoder or an encoder; this is {_kind(self.model)}")
+            raise RequestError("model", f"embeddings come from a decoder, an encoder or an encoder-decoder's encoder; "
+                               f"this is {_kind(self.model)}")
         if pooling not in POOLINGS[family]:
             raise RequestError("pooling", f"{_kind(self.model)} pools {', '.join(POOLINGS[family])}, got {pooling!r}")
         rows = self._sequences(texts)
-        text_end = -1 if family == "encoder" else None  # an encoder's rows end with EOS
+        # The text's tokens: after BOS, and before an encoder's EOS; an encoder-decoder's
+        # rows have no BOS.
+        text_start, text_end = (0, -1) if family == "encoder_decoder" else (1, -1) if family == "encoder" else (1, None)
         out = np.zeros((len(texts), self.model.cfg.model.d_model), np.float32)
         for first, inputs, segment_ids in self._batches(rows):
             with sharding_context(self.model.mesh):
                 states = np.asarray(jax.device_get(self._hidden(self.model.params, inputs, segment_ids)))
             for r, ids in enumerate(rows[first : first + self.batch_size]):
-                tokens = states[r, 1 : len(ids)][:text_end]  # the text's tokens
+                tokens = states[r, text_start : len(ids)][:text_end]
                 out[first + r] = {"mean": lambda: tokens.mean(0), "max": lambda: tokens.max(0),
                                   "last": lambda: tokens[-1], "cls": lambda: states[r, 0]}[pooling]()
         if normalize:

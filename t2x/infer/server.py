@@ -13,7 +13,8 @@ for the devices:
   one event, then the result.
 
 A decoder language model generates, scores and embeds; an encoder embeds; an
-encoder-decoder generates; a fine-tuned classifier classifies. A request for what the
+encoder-decoder generates and embeds (its encoder's states); a fine-tuned classifier
+classifies. A request for what the
 model does not do gets a 422.
 
 Prompts are padded to bucket lengths (16, 32, ... up to the context) and batches to
@@ -159,11 +160,10 @@ class Worker:
         decoding (``Seq2Seq.warm_up``)."""
         if self.engine is not None:
             self.engine.warm_up()
+        if self.seq2seq is not None:
+            self.seq2seq.warm_up(min(64, self.limits.max_new_tokens))
         text = "x"
         while True:
-            if self.seq2seq is not None:
-                self.seq2seq.warm_up(min(64, self.limits.max_new_tokens))
-                break
             if self.model.generates:
                 self.scorer.score([text])
             if self.model.classifies:
@@ -481,12 +481,12 @@ def build_app(model: InferenceModel, limits: Limits = Limits(), worker: Worker |
     @app.post("/v1/embed")
     async def embed(body: EmbedBody, request: Request):
         """One vector per text, pooled from its final hidden states: decoders mean, max or
-        last token; encoders cls, mean or max."""
+        last token; encoders cls, mean or max; encoder-decoders (their encoder) mean or max."""
         if model.classifies:
             raise RequestError("model", "a classifier classifies texts (/v1/classify); embed with the model it was "
                                "fine-tuned from")
         if model.cfg.model.family not in POOLINGS:
-            raise RequestError("model", "embeddings come from a decoder or an encoder")
+            raise RequestError("model", "embeddings come from a decoder, an encoder or an encoder-decoder's encoder")
         pools = POOLINGS[model.cfg.model.family]
         if body.pooling not in pools:
             raise RequestError("pooling", f"this {model.cfg.model.family} pools {', '.join(pools)}")

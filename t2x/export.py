@@ -378,9 +378,10 @@ def export_run(
         if fmt == "stablehlo" and (cfg.model.family != "decoder" or cfg.classify.enabled):
             raise ExportError("--format stablehlo serializes a decoder language model's logits, prefill and decode; "
                               "export this model with --format t2x")
-        if fmt == "hf" and cfg.classify.enabled:
-            raise ExportError("--format hf does not write fine-tuned classifiers yet; export this one with "
-                              "--format t2x (t2x serve and /v1/classify read it)")
+        if fmt == "hf" and cfg.classify.enabled:  # a classifier's pooling refused before the checkpoint is read
+            from t2x.hf import architecture
+
+            architecture(cfg.model, cfg.classify)
     if is_export(run_dir):
         raise ExportError(f"{run_dir} is already an export directory")
     check_output(output)

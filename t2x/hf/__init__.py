@@ -1,12 +1,15 @@
 """Hugging Face format: decoders exported as ``GPT2LMHeadModel`` or ``LlamaForCausalLM``,
 encoders as ``BertForMaskedLM`` and encoder-decoders as ``T5ForConditionalGeneration``,
-with their tokenizer; such checkpoints imported as t2x exports. The mapping is exact or
-refused, naming the option that prevents it.
+fine-tuned classifiers as ``BertForSequenceClassification``,
+``GPT2ForSequenceClassification`` or ``LlamaForSequenceClassification``, with their
+tokenizer; such checkpoints imported as t2x exports. The mapping is exact or refused,
+naming the option that prevents it.
 
 ``write`` and ``read`` are the two directions; ``decoder``, ``bert`` and ``t5`` map each
-architecture's config and tensors; ``tokenizer`` writes ``tokenizer.json`` (and makes an
-imported encoder-decoder's read as t2x's); ``format``
-holds what they share (file names, reading weights, taking tensors by name).
+architecture's config and tensors, ``classify`` which classifiers map and their labels;
+``tokenizer`` writes ``tokenizer.json`` (and makes an imported encoder-decoder's read as
+t2x's); ``format`` holds what they share (file names, reading weights, taking tensors by
+name).
 """
 
 from t2x.hf.bert import MASKED_LM as BERT

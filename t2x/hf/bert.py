@@ -1,5 +1,6 @@
 """Encoders as BERT (``BertForMaskedLM``; ``BertForPreTraining`` with the next-sentence
-head): which configs map, their tensors both ways, and their ``config.json`` both ways.
+head; ``BertForSequenceClassification`` for a classifier fine-tuned from one): which
+configs map, their tensors both ways, and their ``config.json`` both ways.
 
 BERT is a post-norm encoder with learned positions, token types, a normalized embedding
 sum, LayerNorm and biases everywhere, and a GELU MLP (exact, ``gelu``, or the tanh
@@ -20,6 +21,7 @@ from t2x.hf.format import Tensors, refuse_export, refuse_import
 
 MASKED_LM, PRETRAINING, ENCODER = "BertForMaskedLM", "BertForPreTraining", "BertModel"
 ARCHITECTURES = (MASKED_LM, PRETRAINING, ENCODER)
+SEQUENCE_CLASSIFICATION = "BertForSequenceClassification"  # a fine-tuned classifier pooling [CLS]
 # Heads t2x reads no parameters of: BERT's pooler and next-sentence classifier.
 _UNUSED = ("pooler.", "cls.seq_relationship.")
 # hidden_act: t2x's model.mlp
@@ -71,7 +73,41 @@ def _norm(pre: str, p: dict) -> dict[str, np.ndarray]:
 
 
 def tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """The checkpoint tensors of encoder ``params`` as BERT names and lays them out.
+    """The checkpoint tensors of encoder ``params`` as BERT names and lays them out: the
+    encoder's (``bert.*``), the masked-LM head's and, when trained, the next-sentence
+    head's."""
+    d = m.d_model
+    out = _encoder_tensors(m, params)
+    out |= {
+        **_dense("cls.predictions.transform.dense.", params["mlm_dense"], (d, d)),
+        **_norm("cls.predictions.transform.LayerNorm.", params["mlm_norm"]),
+        "cls.predictions.bias": params["mlm_bias"],
+    }
+    # Tied, transformers 5 writes neither decoder tensor (it ties the weight to the word
+    # embeddings and the bias to cls.predictions.bias); untied, it reads both.
+    if not m.tie_embeddings:
+        out["cls.predictions.decoder.weight"] = params["lm_head"]["kernel"].T
+        out["cls.predictions.decoder.bias"] = params["mlm_bias"]
+    if "pooler" in params:
+        out |= _dense("bert.pooler.dense.", params["pooler"], (d, d))
+        out |= _dense("cls.seq_relationship.", params["next_sentence"], (d, 2))
+    return out
+
+
+def classifier_tensors(m: ModelConfig, params: dict, num_labels: int) -> dict[str, np.ndarray]:
+    """The ``BertForSequenceClassification`` tensors of a t2x classifier's ``params``
+    (``cls`` pooling): its backbone as BERT's encoder, its pooler as BERT's, its dense
+    layer as ``classifier``."""
+    d = m.d_model
+    return {
+        **_encoder_tensors(m, params["backbone"]),
+        **_dense("bert.pooler.dense.", params["pooler"], (d, d)),
+        **_dense("classifier.", params["classifier"], (d, num_labels)),
+    }
+
+
+def _encoder_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
+    """The ``bert.*`` tensors: embeddings and layers.
 
     A model without token types gets a one-row table of zeros (BERT needs at least one
     type): its only valid id, 0, then adds nothing, as t2x adds nothing.
@@ -96,19 +132,6 @@ def tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
             **_dense(pre + "output.dense.", mlp["down"], (f, d)),
             **_norm(pre + "output.LayerNorm.", layer["mlp_norm"]),
         }
-    out |= {
-        **_dense("cls.predictions.transform.dense.", params["mlm_dense"], (d, d)),
-        **_norm("cls.predictions.transform.LayerNorm.", params["mlm_norm"]),
-        "cls.predictions.bias": params["mlm_bias"],
-    }
-    # Tied, transformers 5 writes neither decoder tensor (it ties the weight to the word
-    # embeddings and the bias to cls.predictions.bias); untied, it reads both.
-    if not m.tie_embeddings:
-        out["cls.predictions.decoder.weight"] = params["lm_head"]["kernel"].T
-        out["cls.predictions.decoder.bias"] = params["mlm_bias"]
-    if "pooler" in params:
-        out |= _dense("bert.pooler.dense.", params["pooler"], (d, d))
-        out |= _dense("cls.seq_relationship.", params["next_sentence"], (d, 2))
     return out
 
 
@@ -251,6 +274,25 @@ def params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray], where: str
     left_out = w.drop(_UNUSED + (("cls.predictions.",) if encoder_only else ()))
     w.done()
     return out, left_out
+
+
+def classifier_params(m: ModelConfig, tensors: dict[str, np.ndarray], where: str, num_labels: int) -> dict:
+    """A ``BertForSequenceClassification`` checkpoint's ``tensors`` as the parameters of
+    a t2x classifier pooling ``cls``: the encoder as its backbone, BERT's pooler and
+    ``classifier`` as its pooler and dense layer.
+
+    Raises:
+      ExportError: a tensor is missing, misshapen, or not one the plain class has.
+    """
+    w, d = Tensors(tensors, "", where), m.d_model
+    head = {
+        "pooler": {"kernel": w.take("bert.pooler.dense.weight", (d, d)).T,
+                   "bias": w.take("bert.pooler.dense.bias", (d,))},
+        "classifier": {"kernel": w.take("classifier.weight", (num_labels, d)).T,
+                       "bias": w.take("classifier.bias", (num_labels,))},
+    }
+    backbone, _ = params(m, SEQUENCE_CLASSIFICATION, w.tensors, where, encoder_only=True)
+    return {"backbone": backbone, **head}
 
 
 def _head(m: ModelConfig, w: Tensors) -> dict:

@@ -1,5 +1,6 @@
-"""Decoders as ``GPT2LMHeadModel`` or ``LlamaForCausalLM``: which config maps to which,
-their tensors both ways, and their ``config.json`` both ways.
+"""Decoders as ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` (classifiers fine-tuned from
+them as ``GPT2ForSequenceClassification`` or ``LlamaForSequenceClassification``): which
+config maps to which, their tensors both ways, and their ``config.json`` both ways.
 
 GPT-2-shaped configs (learned positions, LayerNorm, GELU, multi-head attention) map to
 GPT-2; rotary positions, RMSNorm and SwiGLU (any number of key/value heads) to Llama.
@@ -17,6 +18,8 @@ from t2x.hf.format import Tensors, refuse_export, refuse_import
 
 GPT2, LLAMA = "GPT2LMHeadModel", "LlamaForCausalLM"
 MODEL_TYPES = {"gpt2": GPT2, "llama": LLAMA}
+# A fine-tuned classifier pooling the last token, by the language model class of its backbone.
+SEQUENCE_CLASSIFICATION = {GPT2: "GPT2ForSequenceClassification", LLAMA: "LlamaForSequenceClassification"}
 
 
 def architecture(m: ModelConfig) -> str:
@@ -49,7 +52,26 @@ def architecture(m: ModelConfig) -> str:
 
 def tensors(m: ModelConfig, arch: str, params: dict) -> dict[str, np.ndarray]:
     """The checkpoint tensors of ``params`` as class ``arch`` names and lays them out."""
-    return (_gpt2_tensors if arch == GPT2 else _llama_tensors)(m, params)
+    out = (_gpt2_tensors if arch == GPT2 else _llama_tensors)(m, params)
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = params["lm_head"]["kernel"].T
+    return out
+
+
+def classifier_tensors(m: ModelConfig, arch: str, params: dict) -> dict[str, np.ndarray]:
+    """The ``*ForSequenceClassification`` tensors of a t2x classifier's ``params``
+    (``last`` pooling; ``arch``: its backbone's class): the backbone's, and its dense
+    layer as ``score``.
+
+    Raises:
+      ExportError: the dense layer has a bias other than zero (``score`` has none).
+    """
+    head = params["classifier"]
+    if np.any(np.asarray(head.get("bias", 0))):
+        refuse_export("model.use_bias=true", f"the classifier's dense layer has a bias, and "
+                      f"{SEQUENCE_CLASSIFICATION[arch]}'s score layer has none (fine-tune with model.use_bias=false)")
+    body = (_gpt2_tensors if arch == GPT2 else _llama_tensors)(m, params["backbone"])
+    return {**body, "score.weight": head["kernel"].T}
 
 
 def _gpt2_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
@@ -85,8 +107,6 @@ def _gpt2_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
         "transformer.ln_f.weight": params["final_norm"]["scale"],
         "transformer.ln_f.bias": bias(params["final_norm"], d),
     }
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = params["lm_head"]["kernel"].T
     return out
 
 
@@ -113,8 +133,6 @@ def _llama_tensors(m: ModelConfig, params: dict) -> dict[str, np.ndarray]:
                 for o, t in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
             }
     out["model.norm.weight"] = params["final_norm"]["scale"]
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = params["lm_head"]["kernel"].T
     return out
 
 
@@ -237,18 +255,19 @@ def model_settings(arch: str, hf: dict) -> dict:
     }
 
 
-def params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray], where: str) -> dict:
-    """t2x parameters of a GPT-2 or Llama checkpoint's ``tensors``.
+def params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray], where: str, lm_head: bool = True) -> dict:
+    """t2x parameters of a GPT-2 or Llama checkpoint's ``tensors`` (with ``lm_head``
+    false, those of the model without its LM head, which the checkpoint then lacks).
 
     Raises:
       ExportError: a tensor is missing, misshapen, or not one a plain model has.
     """
     tensors = dict(tensors)
-    head = tensors.pop("lm_head.weight", None)
+    head = tensors.pop("lm_head.weight", None) if lm_head else None
     w = Tensors(tensors, "transformer." if arch == GPT2 else "model.", where)
     out = (_gpt2_params if arch == GPT2 else _llama_params)(m, w)
     w.done()
-    if not m.tie_embeddings:
+    if lm_head and not m.tie_embeddings:
         if head is None:
             raise ExportError(f"{where} has no lm_head.weight, and config.json says tie_word_embeddings=false")
         out["lm_head"] = {"kernel": head.T}
@@ -322,3 +341,26 @@ def _llama_params(m: ModelConfig, w: Tensors) -> dict:
         "blocks": stacked(per_layer, m.scan_layers),
         "final_norm": {"scale": w.take("norm.weight", (d,))},
     }
+
+
+def classifier_params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray], where: str,
+                      num_labels: int) -> dict:
+    """A ``*ForSequenceClassification`` checkpoint's ``tensors`` (``arch``: the class of
+    its backbone) as the parameters of a t2x classifier pooling ``last``: the backbone,
+    and ``score`` as its dense layer (with a bias of zeros when ``m.use_bias``, which
+    gives t2x's dense layers one).
+
+    Raises:
+      ExportError: a tensor is missing, misshapen, or not one the plain class has.
+    """
+    tensors = dict(tensors)
+    score = tensors.pop("score.weight", None)
+    if score is None:
+        raise ExportError(f"{where} has no tensor score.weight")
+    if score.shape != (num_labels, m.d_model):
+        raise ExportError(f"{where}: score.weight has shape {score.shape}, not {(num_labels, m.d_model)} as "
+                          "config.json implies")
+    head = {"kernel": score.T}
+    if m.use_bias:
+        head["bias"] = np.zeros(num_labels, score.dtype)
+    return {"backbone": params(m, arch, tensors, where, lm_head=False), "classifier": head}

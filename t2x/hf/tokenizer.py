@@ -1,9 +1,9 @@
 """A t2x tokenizer as the ``tokenizer.json`` and ``tokenizer_config.json`` that
 ``transformers.AutoTokenizer`` reads: SentencePiece models converted, ``tokenizer.json``
 ones kept; sequences framed as the family's rows are (a decoder's BOS text, an
-encoder's BOS text EOS, an encoder-decoder's text EOS), an encoder's mask token and an
-encoder-decoder's sentinels included. And back: an imported encoder-decoder's tokenizer
-made to read as t2x's.
+encoder's or a classifier's BOS text EOS, an encoder-decoder's text EOS), an encoder's
+mask token, an encoder-decoder's sentinels and a decoder classifier's pad token
+included. And back: an imported encoder-decoder's tokenizer made to read as t2x's.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from t2x.data.tokenizer import HF_CONFIG_FILE, HF_FILE, SENTENCEPIECE_FILE, Toke
 from t2x.export import ExportError
 
 MASK_TOKEN = "<mask>"  # the added token at an encoder's reserved mask id
+PAD_TOKEN = "<pad>"  # added past the vocabulary for a decoder classifier whose tokenizer has no pad token but EOS
 SENTINEL = "<extra_id_{}>"  # an encoder-decoder's k-th sentinel, as T5 spells it
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
@@ -90,7 +91,7 @@ def _as_encoder(tokenizer_json: bytes, tokenizer: Tokenizer, token_types: int) -
     ``BOS $A EOS $B EOS``, token types 0 then 1, or 0 throughout for a model with fewer
     than 2 types), with the mask token the encoder trained with: the tokenizer's own, or
     ``<mask>`` added at the first id past its vocabulary. Returns the file and the mask id."""
-    from tokenizers import AddedToken, processors
+    from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
 
     backend = Backend.from_str(tokenizer_json.decode())
@@ -101,6 +102,16 @@ def _as_encoder(tokenizer_json: bytes, tokenizer: Tokenizer, token_types: int) -
         if backend.token_to_id(MASK_TOKEN) != mask:
             raise ExportError(f"--format hf: {MASK_TOKEN} would be token {backend.token_to_id(MASK_TOKEN)} of "
                               f"tokenizer.json, but the encoder masks with id {mask}")
+    _frame_bos_text_eos(backend, tokenizer, token_types)
+    return backend.to_str().encode(), mask
+
+
+def _frame_bos_text_eos(backend, tokenizer: Tokenizer, token_types: int) -> None:
+    """Make ``backend`` (a ``tokenizers.Tokenizer``) frame sequences as ``BOS $A EOS``
+    (pairs ``BOS $A EOS $B EOS``, token types 0 then 1, or 0 throughout for a model with
+    fewer than 2 types): an encoder's rows, and a classifier's."""
+    from tokenizers import processors
+
     bos, eos = backend.id_to_token(tokenizer.bos_id), backend.id_to_token(tokenizer.eos_id)
     b = 1 if token_types >= 2 else 0
     backend.post_processor = processors.TemplateProcessing(
@@ -108,7 +119,37 @@ def _as_encoder(tokenizer_json: bytes, tokenizer: Tokenizer, token_types: int) -
         pair=f"{bos}:0 $A:0 {eos}:0 $B:{b} {eos}:{b}",
         special_tokens=sorted({(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)}),
     )
-    return backend.to_str().encode(), mask
+
+
+def _as_decoder_classifier(tokenizer_json: bytes, tokenizer: Tokenizer, pad: int | None,
+                           vocab_size: int) -> tuple[bytes, int]:
+    """``tokenizer_json`` framing sequences as a classifier's rows, ``BOS $A EOS``, with a
+    pad token other than EOS (transformers' decoder classifiers pool a row's last token
+    that is not ``pad_token_id``, and t2x's pool its EOS): ``pad`` (the tokenizer's own),
+    else its BOS, else ``<pad>`` added at the first id past its vocabulary. Returns the
+    file and the pad id.
+
+    Raises:
+      ExportError: each is EOS, and the model's ``vocab_size`` has no id past the
+        tokenizer's to add ``<pad>`` at.
+    """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(tokenizer_json.decode())
+    _frame_bos_text_eos(backend, tokenizer, 0)
+    eos = tokenizer.eos_id
+    for candidate in (pad, tokenizer.bos_id):
+        if candidate is not None and candidate >= 0 and candidate != eos:
+            return backend.to_str().encode(), candidate
+    backend.add_special_tokens([AddedToken(PAD_TOKEN, special=True, normalized=False)])
+    added = backend.token_to_id(PAD_TOKEN)
+    if added == eos or added >= vocab_size:
+        raise ExportError(f"--format hf: data.tokenizer has no token to pad with but EOS (its BOS and any pad token "
+                          f"are EOS), and model.vocab_size={vocab_size} leaves no id past its {tokenizer.vocab_size} "
+                          f"tokens to add {PAD_TOKEN} at; transformers' decoder classifiers take a row's last token "
+                          "that is not padding, which must be EOS, as t2x's")
+    return backend.to_str().encode(), added
 
 
 def _as_seq2seq(tokenizer_json: bytes, tokenizer: Tokenizer, sentinels: int) -> tuple[bytes, list[str]]:
@@ -135,7 +176,8 @@ def _as_seq2seq(tokenizer_json: bytes, tokenizer: Tokenizer, sentinels: int) -> 
 
 
 def tokenizer_files(
-    files: dict[str, bytes], tokenizer: Tokenizer, model: ModelConfig | None = None, sentinels: int = 0
+    files: dict[str, bytes], tokenizer: Tokenizer, model: ModelConfig | None = None, sentinels: int = 0,
+    classifier: bool = False,
 ) -> tuple[dict[str, bytes], dict[str, int]]:
     """``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer``, and the ids
     of the special tokens the config names (``{"bos_token": 2, ...}``).
@@ -149,6 +191,9 @@ def tokenizer_files(
         ``text EOS`` (a decoder's stay ``BOS text``).
       sentinels: an encoder-decoder's span-corruption sentinels, added as the special
         tokens ``<extra_id_0>``, ``<extra_id_1>``, ... at the ids it trained them with.
+      classifier: a fine-tuned classifier's; a decoder's rows then become ``BOS text
+        EOS`` too, at most ``max_seq_len`` long, and its pad token one other than EOS
+        (see ``_as_decoder_classifier``).
 
     Raises:
       ExportError: the tokenizer cannot be converted exactly.
@@ -170,6 +215,15 @@ def tokenizer_files(
         tokenizer_json, added = _as_seq2seq(tokenizer_json, tokenizer, sentinels)
         if added:
             config["additional_special_tokens"] = added
+    elif classifier:
+        named = config.get("pad_token")
+        named = named.get("content") if isinstance(named, dict) else named
+        own = Backend.from_str(tokenizer_json.decode()).token_to_id(named) if isinstance(named, str) else None
+        tokenizer_json, pad = _as_decoder_classifier(
+            tokenizer_json, tokenizer, own if own is not None else specials.get("pad_token"), model.vocab_size)
+        specials["pad_token"] = pad
+        config.pop("pad_token", None)
+        config.setdefault("model_max_length", model.max_seq_len)
     backend = Backend.from_str(tokenizer_json.decode())
     for key, i in specials.items():
         if i >= 0 and key not in config:

@@ -12,24 +12,28 @@ import os
 
 import numpy as np
 
-from t2x.config import ModelConfig
+from t2x.config import ClassifyConfig, ModelConfig
 from t2x.data.tokenizer import TokenizerError, from_files
 from t2x.export import DTYPES, Exported, ExportError, cast, check_dtype, staged_directory
 from t2x.families import family
-from t2x.hf import bert, decoder, t5
+from t2x.hf import bert, classify, decoder, t5
 from t2x.hf.format import WEIGHTS
 from t2x.hf.tokenizer import tokenizer_files
 
 
-def architecture(m: ModelConfig) -> str:
+def architecture(m: ModelConfig, classifier: ClassifyConfig | None = None) -> str:
     """The Hugging Face class that represents ``m`` exactly: ``GPT2LMHeadModel`` or
     ``LlamaForCausalLM`` for a decoder, ``BertForMaskedLM`` for an encoder (written as
     ``BertForPreTraining`` when its parameters hold the next-sentence head),
-    ``T5ForConditionalGeneration`` for an encoder-decoder.
+    ``T5ForConditionalGeneration`` for an encoder-decoder; with ``classifier`` enabled
+    (a fine-tuned classifier's ``classify``), the ``*ForSequenceClassification`` class
+    (``t2x.hf.classify``).
 
     Raises:
       ExportError: no supported class does; the message names the option.
     """
+    if classifier is not None and classifier.enabled:
+        return classify.architecture(m, classifier)
     if m.family == "decoder":
         return decoder.architecture(m)
     if m.family == "encoder":
@@ -39,8 +43,8 @@ def architecture(m: ModelConfig) -> str:
 
 def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     """Write ``exported`` as a Hugging Face model directory (config.json,
-    model.safetensors, tokenizer.json, tokenizer_config.json, and a decoder's or
-    encoder-decoder's generation_config.json); returns its config.json.
+    model.safetensors, tokenizer.json, tokenizer_config.json, and a decoder language
+    model's or encoder-decoder's generation_config.json); returns its config.json.
 
     Raises:
       ExportError: the model or tokenizer cannot be represented exactly (naming the
@@ -49,18 +53,21 @@ def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     from safetensors.numpy import save_file
 
     check_dtype(dtype)
-    m = exported.cfg.model
-    arch = architecture(m)
+    cfg, m = exported.cfg, exported.cfg.model
+    arch = architecture(m, cfg.classify)
     try:
         tokenizer = from_files(exported.tokenizer_files, "export")
         # an encoder-decoder's span-corruption sentinels: ids past the tokenizer's vocabulary
-        reserved = family(m.family).reserved_ids(exported.cfg, tokenizer) if m.family == "encoder_decoder" else []
+        reserved = family(m.family).reserved_ids(cfg, tokenizer) if m.family == "encoder_decoder" else []
         sentinels = sum(i < m.vocab_size for i in reserved)
-        files, specials = tokenizer_files(exported.tokenizer_files, tokenizer, m, sentinels)
+        files, specials = tokenizer_files(exported.tokenizer_files, tokenizer, m, sentinels, cfg.classify.enabled)
     except TokenizerError as e:
         raise ExportError(f"--format hf: {e}") from None
     params = cast(exported.params, dtype)
-    if m.family == "encoder":
+    if cfg.classify.enabled:
+        tensors, config = classify.tensors(cfg, arch, params), classify.hf_config(cfg, arch, dtype, specials)
+        json_files = {"config.json": config}
+    elif m.family == "encoder":
         arch = bert.exported_class(params)
         tensors, config = bert.tensors(m, params), bert.hf_config(m, arch, dtype, specials)
         json_files = {"config.json": config}

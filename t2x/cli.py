@@ -110,9 +110,12 @@ def _inference_parsers(commands) -> None:
         description="Write a run's checkpoint (any mesh, any number of processes wrote it) as an export directory: "
         "model.safetensors (parameters only), config.yaml, the tokenizer and manifest.json (source run and "
         "step, dtype, parameter count, t2x version, SHA-256 of each file). Reading it back needs neither Orbax "
-        "nor TensorFlow. --format hf writes a Hugging Face model directory instead (GPT2LMHeadModel, "
-        "LlamaForCausalLM or, for an encoder, BertForMaskedLM, with tokenizer.json), refusing a config none "
-        "represents exactly. Prints the "
+        "nor TensorFlow. --format hf writes a Hugging Face model directory instead, with tokenizer.json: "
+        "GPT2LMHeadModel or LlamaForCausalLM for a decoder, BertForMaskedLM (BertForPreTraining with the "
+        "next-sentence head) for an encoder, T5ForConditionalGeneration for an encoder-decoder; for a fine-tuned "
+        "classifier BertForSequenceClassification (an encoder pooling cls) or GPT2ForSequenceClassification or "
+        "LlamaForSequenceClassification (a decoder pooling last), its labels as id2label. A model none represents "
+        "exactly is refused, naming the setting. Prints the "
         "manifest (or the Hugging Face config) as JSON, with the output path.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR")
@@ -129,10 +132,12 @@ def _inference_parsers(commands) -> None:
 
     import_hf = commands.add_parser(
         "import-hf",
-        help="import a Hugging Face GPT-2, Llama or BERT model as an export",
-        description="Write a local Hugging Face GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM or "
-        "BertForPreTraining directory (config.json, "
-        "safetensors weights, tokenizer.json or tokenizer.model) as a t2x export directory, which every "
+        help="import a Hugging Face GPT-2, Llama, BERT or T5 model, or a BERT, GPT-2 or Llama classifier, as an export",
+        description="Write a local Hugging Face GPT2LMHeadModel, LlamaForCausalLM, BertForMaskedLM, "
+        "BertForPreTraining or T5ForConditionalGeneration directory, or a BertForSequenceClassification, "
+        "GPT2ForSequenceClassification or LlamaForSequenceClassification one (a fine-tuned classifier, its "
+        "classify.labels from id2label), with config.json, "
+        "safetensors weights, tokenizer.json or tokenizer.model, as a t2x export directory, which every "
         "inference command, t2x eval and train.init_from accept. Options t2x cannot reproduce exactly are refused "
         "by name; pickled weights are never read. Prints the manifest as JSON, with the output path.",
     )

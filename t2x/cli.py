@@ -17,7 +17,6 @@ import sys
 import traceback
 from typing import TextIO
 
-COMPILATION_CACHE_BYTES = 8 << 30  # the persistent XLA cache's bound, unless jax_compilation_cache_max_size is set
 EVAL_KEYS = {
     "loss": "mean negative log-likelihood per target token (nats; encoders: per masked token)",
     "perplexity": "exp(loss)",
@@ -254,10 +253,6 @@ def _configure_runtime() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    if jax.config.jax_compilation_cache_max_size == -1:
-        # Bounded, the cache is also locked: the processes of a job on one host share it,
-        # and none reads an entry another is still writing.
-        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
 
 
 def _tokenizer_train(args) -> dict:

@@ -12,9 +12,6 @@ _CACHE = pathlib.Path(os.environ.get("T2X_TEST_CACHE") or pathlib.Path(tempfile.
 os.environ.setdefault("T2X_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# A size bound makes JAX lock the cache directory: the test workers and the processes they
-# start share it, and an entry one writes must not be read half-written by another.
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

@@ -420,6 +420,18 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) is too short to mask: an encoder row holds BOS, text and "
                 "EOS, and needs at least 4 tokens",
             )
+        if self.model.family == "encoder_decoder" and self.data.target_key is None and not self.classify.enabled:
+            from t2x.data.span_corruption import corrupted_lengths
+
+            # The shortest piece span corruption cuts (2 tokens: one noise, one kept) and its rows.
+            inputs, targets = corrupted_lengths(2, self.objective.noise_density, self.objective.mean_span_length)
+            _require(self.data.seq_len >= inputs,
+                     f"data.seq_len ({self.data.seq_len}) is too short to corrupt: the shortest corrupted piece "
+                     f"needs {inputs} input tokens; set data.seq_len >= {inputs}")
+            _require(self.data.target_seq_len is None or self.data.target_seq_len >= targets,
+                     f"data.target_seq_len ({self.data.target_seq_len}) is too short to corrupt: the shortest "
+                     f"corrupted piece needs {targets} target tokens; set it >= {targets} (or null: as long as "
+                     "data.seq_len's pieces need)")
 
     @property
     def eval_batch_size(self) -> int:

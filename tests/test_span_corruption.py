@@ -13,6 +13,19 @@ def test_piece_lengths_are_t5s():
     assert corrupted_lengths(568, 0.15, 3.0) == (512, 114)
 
 
+def test_rows_too_short_to_corrupt_are_refused_by_name():
+    from conftest import REPO
+    from t2x.config import ConfigError, load_config
+
+    t5 = REPO / "configs" / "t5_tiny.yaml"
+    assert corrupted_lengths(2, 0.15, 3.0) == (3, 3)  # one kept token, a sentinel, EOS; a sentinel, the noise, EOS
+    with pytest.raises(ConfigError, match=r"data.seq_len \(2\) is too short to corrupt.*set data.seq_len >= 3"):
+        load_config(t5, ["data.seq_len=2"])
+    with pytest.raises(ConfigError, match=r"data.target_seq_len \(2\) is too short to corrupt"):
+        load_config(t5, ["data.target_seq_len=2"])
+    assert load_config(t5, ["data.seq_len=3", "data.target_seq_len=3"]).data.seq_len == 3
+
+
 @pytest.mark.parametrize("length", [2, 3, 17, 100, 568])
 def test_noise_masks_have_t5s_counts_and_alternate_starting_with_kept_tokens(length):
     rng = np.random.default_rng(length)

@@ -200,18 +200,34 @@ def _predicted_token_summary(sums: dict) -> dict:
 def span_corruption(cfg: Config, tokenizer: Tokenizer) -> SpanCorruption:
     """The span corruption of ``cfg``: rows of ``data.seq_len`` input tokens and
     ``data.target_seq_len`` target tokens (default: what a full input row's targets
-    need), sentinels the ids right past the tokenizer's vocabulary."""
+    need); sentinels the tokenizer's own ``<extra_id_0>``, ``<extra_id_1>``, ... when it
+    has them (an imported T5's), else the ids right past its vocabulary.
+
+    Raises:
+      ConfigError: the tokenizer has sentinels of its own, fewer than a piece may use.
+    """
     o, d = cfg.objective, cfg.data
     target_len = d.target_seq_len or corrupted_lengths(
         raw_length(d.seq_len, None, o.noise_density, o.mean_span_length), o.noise_density, o.mean_span_length)[1]
-    return SpanCorruption(o.noise_density, o.mean_span_length, d.seq_len, target_len, tokenizer.vocab_size)
+    corruption = SpanCorruption(o.noise_density, o.mean_span_length, d.seq_len, target_len, tokenizer.vocab_size)
+    own = tokenizer.sentinel_ids()
+    if not own:
+        return corruption
+    if len(own) < corruption.sentinels:
+        raise ConfigError(
+            f"the tokenizer {tokenizer.source} has {len(own)} sentinels of its own (<extra_id_0> to "
+            f"<extra_id_{len(own) - 1}>), and span corruption uses them, but a piece of data.seq_len={d.seq_len} "
+            f"rows may need {corruption.sentinels} (objective.noise_density={o.noise_density}, "
+            f"objective.mean_span_length={o.mean_span_length}); shorten data.seq_len (or data.target_seq_len) "
+            "or lengthen objective.mean_span_length")
+    return dataclasses.replace(corruption, own_sentinels=tuple(own))
 
 
 def encoder_decoder_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
     """Span-corrupted text, or, with ``data.target_key``, the input-target pairs as they
     are (each followed by EOS), packed into encoder and decoder rows."""
-    corruption = span_corruption(cfg, tokenizer)
     pairs = cfg.data.target_key is not None
+    corruption = None if pairs else span_corruption(cfg, tokenizer)
     target_len = (cfg.data.target_seq_len or cfg.data.seq_len) if pairs else corruption.target_len
     lengths = {name: target_len for name in ("targets", "target_segment_ids", "target_positions")}
 
@@ -226,10 +242,20 @@ def encoder_decoder_rows(cfg: Config, tokenizer: Tokenizer) -> RowFormat:
 
 
 def _sentinels(cfg: Config, tokenizer: Tokenizer) -> list[int]:
-    if cfg.data.target_key is not None:  # input-target pairs: nothing is corrupted
+    """The sentinel ids span corruption reserves past the tokenizer's vocabulary: none
+    for input-target pairs (nothing is corrupted) or a tokenizer with its own (too few of
+    them are refused here, before a run starts)."""
+    if cfg.data.target_key is not None:
         return []
     corruption = span_corruption(cfg, tokenizer)
-    return list(range(corruption.first_sentinel, corruption.first_sentinel + corruption.sentinels))
+    return [] if corruption.own_sentinels else corruption.sentinel_ids.tolist()
+
+
+def sentinel_ids(cfg: Config, tokenizer: Tokenizer) -> list[int]:
+    """The id of each sentinel ``<extra_id_k>`` an encoder-decoder reads and writes: the
+    tokenizer's own (all of them) when it has some, else those span corruption reserves
+    past its vocabulary (none for a model trained on input-target pairs)."""
+    return tokenizer.sentinel_ids() or _sentinels(cfg, tokenizer)
 
 
 def _sequence_to_sequence(cfg: Config, tokenizer: Tokenizer):

@@ -266,3 +266,55 @@ def test_t5_imports_t2x_cannot_reproduce_are_refused(hf_t5s, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and message in err, (name, err)
         assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_an_imported_t5_corrupts_spans_with_its_own_sentinels_and_reads_them_in_prompts(hf_t5s, tmp_path, capsys):
+    """T5's <extra_id_k> are tokens of its own vocabulary (k=0 the last id, counting
+    down): its import's span corruption writes them, k=0 first as T5's does, and reserves
+    no id past the vocabulary; generation reads and writes them."""
+    from t2x.config import ConfigError, load_config
+    from t2x.families import span_corruption
+    from t2x.infer.model import load
+    from t2x.infer.seq2seq import Seq2Seq
+    from test_span_corruption import _rows
+
+    hf, path = hf_t5s["t5_1_0"]
+    export = tmp_path / "export"
+    assert main(["import-hf", str(path), "--output", str(export)]) == 0
+    capsys.readouterr()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    own = hf_tokenizer.convert_tokens_to_ids([f"<extra_id_{k}>" for k in range(8)])
+    tokenizer = load_tokenizer(str(export))
+    assert tokenizer.sentinel_ids() == own == list(range(127, 119, -1))
+    # The import's rows (data.seq_len=512) may need more sentinels than its 8: refused by
+    # name, by the check a run makes before it starts too.
+    imported = load_config(export / "config.yaml")
+    for check in (span_corruption, family("encoder_decoder").reserved_ids):
+        with pytest.raises(ConfigError, match=r"has 8 sentinels of its own .*data.seq_len=512 rows may need 28"):
+            check(imported, tokenizer)
+    (tmp_path / "text.txt").write_text("\n".join(held_out(60)) + "\n")
+    cfg = load_config(export / "config.yaml", [f"data.tokenizer={export}", "data.seq_len=32", "data.source=files",
+                                               f"data.train_files=[{tmp_path / 'text.txt'}]", "data.num_shards=1"])
+    assert span_corruption(cfg, tokenizer).sentinel_ids.tolist() == own[:2]  # 34 raw tokens: 2 noise spans
+    assert family("encoder_decoder").reserved_ids(cfg, tokenizer) == []
+    _, rows = _rows(cfg)
+    pieces = [(r["tokens"][r["segment_ids"] == s], r["targets"][r["target_segment_ids"] == s])
+              for r in rows for s in range(1, r["segment_ids"].max() + 1)]
+    assert len(pieces) > 20
+    for inputs, targets in pieces:
+        used = [t for t in inputs if t >= 120]  # T5's sentinels; the text's own tokens are below them
+        assert used == own[: len(used)] and used  # <extra_id_0>, <extra_id_1>, ... in order
+        assert [t for t in targets if t >= 120] == used and targets[0] == own[0]
+    # Generation reads <extra_id_k> as T5's ids, as transformers' tokenizer does, and
+    # writes them back so.
+    seq2seq = Seq2Seq(load(str(export)))
+    prompt = "The <extra_id_0> sat on <extra_id_1>."
+    assert seq2seq.sentinels == own and seq2seq.inputs([prompt])[0] == hf_tokenizer(prompt)["input_ids"]
+    cat = tokenizer.encode(["cat"])[0]
+    assert seq2seq.decode([own[0], *cat, own[1], 130]) == "<extra_id_0>cat<extra_id_1>"  # 130: the model's padding
+    assert main(["generate", str(export), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    generated = json.loads(capsys.readouterr().out)["completions"][0]["tokens"]
+    with torch.no_grad():
+        expected = hf.generate(hf_tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=8,
+                               do_sample=False, decoder_start_token_id=0, use_cache=False)[0].tolist()
+    assert generated == [t for t in expected[1:] if t not in (0, 1)]

@@ -79,13 +79,20 @@ def noise_spans(raw: int, density: float, mean_span: float) -> int:
 @dataclasses.dataclass(frozen=True)
 class SpanCorruption:
     """Span corruption into rows of ``seq_len`` input and ``target_len`` target tokens;
-    sentinel k is id ``first_sentinel + k`` (ids past the tokenizer's vocabulary)."""
+    sentinel k is id ``first_sentinel + k`` (ids past the tokenizer's vocabulary), or
+    ``own_sentinels[k]`` when given (the tokenizer's own ``<extra_id_k>``, as many as a
+    piece may use or more)."""
 
     density: float
     mean_span: float
     seq_len: int
     target_len: int
-    first_sentinel: int
+    first_sentinel: int = 0
+    own_sentinels: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.own_sentinels and len(self.own_sentinels) < self.sentinels:
+            raise ValueError(f"{len(self.own_sentinels)} sentinels given; a piece may use {self.sentinels}")
 
     @property
     def raw_length(self) -> int:
@@ -96,13 +103,19 @@ class SpanCorruption:
         """Sentinel ids a piece may use."""
         return noise_spans(self.raw_length, self.density, self.mean_span)
 
+    @property
+    def sentinel_ids(self) -> np.ndarray:
+        """int32 [sentinels]: the id of sentinel k, for each k a piece may use."""
+        if self.own_sentinels:
+            return np.asarray(self.own_sentinels[: self.sentinels], np.int32)
+        return np.arange(self.first_sentinel, self.first_sentinel + self.sentinels, dtype=np.int32)
+
     def pack(self, documents, token_bytes, rng: np.random.Generator, eos_id: int) -> dict[str, np.ndarray]:
         """Encoder and decoder rows of the corrupted pieces of ``documents``: ``tokens``,
         ``segment_ids``, ``positions`` [rows, seq_len]; ``targets``,
         ``target_segment_ids``, ``target_positions`` [rows, target_len]; ``num_bytes``
         [rows], the bytes of text of the pieces in the row."""
-        raw = self.raw_length
-        sentinels = np.arange(self.first_sentinel, self.first_sentinel + self.sentinels, dtype=np.int32)
+        raw, sentinels = self.raw_length, self.sentinel_ids
         pairs = []
         for doc, sizes in zip(documents, token_bytes):
             doc = np.asarray(doc, np.int32)

@@ -54,6 +54,7 @@ TRAINING_THREADS = 16
 
 
 MASK_PIECE = "<mask>"  # a SentencePiece model's mask token, when it defines one
+SENTINEL_PIECE = "<extra_id_{}>"  # T5's k-th span-corruption sentinel, when a tokenizer has its own
 
 
 class TokenizerError(ValueError):
@@ -98,6 +99,21 @@ class Tokenizer:
         a word's pieces together). Special pieces count as words of their own."""
         raise NotImplementedError
 
+    def piece_id(self, piece: str) -> int | None:
+        """The id of the token spelled ``piece``, if the vocabulary has one."""
+        raise NotImplementedError
+
+    def sentinel_ids(self) -> list[int]:
+        """The ids of its own span-corruption sentinels, ``<extra_id_0>``, ``<extra_id_1>``,
+        ... in that order, up to the first it lacks (an imported T5's hold 100, counting
+        down from the last id); [] when it has none."""
+        if not hasattr(self, "_sentinel_ids"):
+            ids = []
+            while (i := self.piece_id(SENTINEL_PIECE.format(len(ids)))) is not None:
+                ids.append(i)
+            self._sentinel_ids = ids
+        return list(self._sentinel_ids)
+
     def token_bytes(self, documents: Sequence[Sequence[int]], texts: Sequence[str], separators: Sequence[int]) -> list[np.ndarray]:
         """Bytes of text each token stands for, and then the EOS's (its separator).
 
@@ -140,9 +156,12 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"tokenizer {source} defines no EOS piece; t2x ends every document with EOS")
         # Models without BOS (T5's, for one) start documents with EOS, as GPT-2 does.
         self.bos_id = self.processor.bos_id() if self.processor.bos_id() >= 0 else self.eos_id
-        mask = self.processor.piece_to_id(MASK_PIECE)
-        self.mask_id = mask if self.processor.id_to_piece(mask) == MASK_PIECE else None
+        self.mask_id = self.piece_id(MASK_PIECE)
         self._piece_bytes = self._bytes_per_piece()
+
+    def piece_id(self, piece: str) -> int | None:
+        i = self.processor.piece_to_id(piece)  # the unknown piece's id when there is none
+        return i if self.processor.id_to_piece(i) == piece else None
 
     def _bytes_per_piece(self) -> np.ndarray:
         """A byte-fallback piece 1, control pieces 0, others their text with
@@ -243,6 +262,9 @@ class HFTokenizer(Tokenizer):
             else:
                 sizes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
         return sizes
+
+    def piece_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]

@@ -57,8 +57,10 @@ def write_hf(output: str, exported: Exported, dtype: str = "float32") -> dict:
     arch = architecture(m, cfg.classify)
     try:
         tokenizer = from_files(exported.tokenizer_files, "export")
-        # an encoder-decoder's span-corruption sentinels: ids past the tokenizer's vocabulary
-        reserved = family(m.family).reserved_ids(cfg, tokenizer) if m.family == "encoder_decoder" else []
+        # an encoder-decoder's span-corruption sentinels past the tokenizer's vocabulary
+        # (none when it has its own <extra_id_k>, which it keeps)
+        seq2seq = m.family == "encoder_decoder" and not tokenizer.sentinel_ids()
+        reserved = family(m.family).reserved_ids(cfg, tokenizer) if seq2seq else []
         sentinels = sum(i < m.vocab_size for i in reserved)
         files, specials = tokenizer_files(exported.tokenizer_files, tokenizer, m, sentinels, cfg.classify.enabled)
     except TokenizerError as e:

@@ -19,6 +19,8 @@ from BOS (the start token of teacher forcing) and stops at EOS. A model pretrain
 span corruption reads ``<extra_id_0>``, ``<extra_id_1>``, ... in an input as its
 sentinel ids (as T5 writes them) and writes them so in its output: "The <extra_id_0>
 sat on the <extra_id_1>." is answered with each sentinel and the span it stands for.
+The sentinels are the tokenizer's own ``<extra_id_k>`` tokens when it has them (an
+imported T5's), else the ids past its vocabulary that span corruption gave them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2x.config import ModelConfig
-from t2x.families import family
+from t2x.families import sentinel_ids
 from t2x.infer.engine import Completion, RequestError, bucket, buckets, prefill_sizes
 from t2x.infer.model import InferenceModel
 from t2x.infer.sampling import Sampling, sample
@@ -176,7 +178,8 @@ class Seq2Seq:
         self.batch_size = -(-batch_size // ways) * ways
         tok = model.tokenizer
         self._sampled, self._beam = _programs(model.cfg.model, tok.bos_id, tok.eos_id)
-        self.sentinels = family("encoder_decoder").reserved_ids(model.cfg, tok)  # id of <extra_id_k>
+        self.sentinels = sentinel_ids(model.cfg, tok)  # id of <extra_id_k>
+        self._sentinel_of = {i: k for k, i in enumerate(self.sentinels)}
 
     def check(self, sampling: Sampling) -> None:
         """Refuse settings out of range, naming the field."""
@@ -217,13 +220,13 @@ class Seq2Seq:
         tokenizer's vocabulary that are no sentinel (padding of the model's) as nothing."""
         tok, text, run = self.model.tokenizer, [], []
         for t in tokens:
-            if t < tok.vocab_size:
+            if t < tok.vocab_size and t not in self._sentinel_of:
                 run.append(t)
                 continue
             text.append(tok.decode(run))
             run = []
-            if t in self.sentinels:
-                text.append(f"<extra_id_{self.sentinels.index(t)}>")
+            if t in self._sentinel_of:
+                text.append(f"<extra_id_{self._sentinel_of[t]}>")
         return "".join([*text, tok.decode(run)])
 
     def generate(self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling] = Sampling()) -> list[Completion]:

@@ -33,7 +33,7 @@ LABELS = ["tkinter", "asyncio", "email"]
 CLASSIFY = [f"classify.labels=[{','.join(LABELS)}]", "classify.label_key=label"]
 MODELS = {
     "bert": [*ENCODER, "classify.pooling=cls"],
-    "gpt2": ["classify.pooling=last"],  # biases everywhere: the head's is zero (score has none)
+    "gpt2": ["classify.pooling=last"],  # biases everywhere but in the head (score has none)
     "llama": [*VARIANTS["llama_unscanned"], "classify.pooling=last"],
 }
 CLASSES = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
@@ -43,7 +43,7 @@ LENGTHS = (32, 20, 9, 3)  # real tokens of each row of the test batch; the rest 
 
 def classifier(variant, *overrides):
     """A tiny classifier config and random parameters of its shapes: biases random too,
-    norm scales around 1; a GPT-2's head without a bias (zeros)."""
+    norm scales around 1."""
     cfg = tiny_config("/nonexistent", "model.init_std=0.3", *MODELS[variant], *CLASSIFY, *overrides)
     pooling = "cls" if variant == "bert" else "last"
     shapes, _ = abstract_params(Classifier(cfg.model, len(LABELS), pooling), 8)
@@ -54,8 +54,7 @@ def classifier(variant, *overrides):
         return 1 + 0.2 * noise if path[-1].key == "scale" else 0.3 * noise
 
     params = jax.tree_util.tree_map_with_path(draw, shapes)
-    if variant == "gpt2":
-        params["classifier"]["bias"] = np.zeros_like(params["classifier"]["bias"])
+    assert variant == "bert" or "bias" not in params["classifier"]  # a decoder's head has none
     return cfg, params
 
 
@@ -188,7 +187,7 @@ def test_classifiers_transformers_has_no_class_for_are_refused_naming_the_settin
         architecture(t5.model, t5.classify)
     # A GPT-2 head with a bias: score has none.
     cfg, params = classifier("gpt2")
-    params["classifier"]["bias"] = np.full_like(params["classifier"]["bias"], 0.5)
+    params["classifier"]["bias"] = np.full(len(LABELS), 0.5, np.float32)
     files = load_tokenizer(cfg.data.tokenizer).files
     with pytest.raises(ExportError, match="model.use_bias=true.*score layer has none"):
         write_hf(str(tmp_path / "biased"), Exported(cfg, params, files, {"kind": "test", "path": "biased"}))

@@ -64,7 +64,8 @@ def classifier_tensors(m: ModelConfig, arch: str, params: dict) -> dict[str, np.
     layer as ``score``.
 
     Raises:
-      ExportError: the dense layer has a bias other than zero (``score`` has none).
+      ExportError: the dense layer has a bias other than zero (``score`` has none; a
+        classifier trained before decoder heads lost their bias).
     """
     head = params["classifier"]
     if np.any(np.asarray(head.get("bias", 0))):
@@ -347,8 +348,7 @@ def classifier_params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray],
                       num_labels: int) -> dict:
     """A ``*ForSequenceClassification`` checkpoint's ``tensors`` (``arch``: the class of
     its backbone) as the parameters of a t2x classifier pooling ``last``: the backbone,
-    and ``score`` as its dense layer (with a bias of zeros when ``m.use_bias``, which
-    gives t2x's dense layers one).
+    and ``score`` as its dense layer (a decoder's head has no bias either).
 
     Raises:
       ExportError: a tensor is missing, misshapen, or not one the plain class has.
@@ -361,6 +361,4 @@ def classifier_params(m: ModelConfig, arch: str, tensors: dict[str, np.ndarray],
         raise ExportError(f"{where}: score.weight has shape {score.shape}, not {(num_labels, m.d_model)} as "
                           "config.json implies")
     head = {"kernel": score.T}
-    if m.use_bias:
-        head["bias"] = np.zeros(num_labels, score.dtype)
     return {"backbone": params(m, arch, tensors, where, lm_head=False), "classifier": head}

@@ -15,7 +15,8 @@ BACKBONE = "backbone"  # name of the pretrained model inside the classifier's pa
 
 class Classifier(nn.Module):
     """The family's model (without its LM head) under ``backbone``, a pooling of its output
-    states, dropout, and a dense layer to ``num_labels`` logits.
+    states, dropout, and a dense layer to ``num_labels`` logits (without a bias on a
+    decoder, as transformers' sequence classifiers have it).
 
     Pooling: ``cls`` takes the first (BOS, [CLS]) token through BERT's pooler (dense +
     tanh); ``mean`` averages the tokens of the row; ``last`` takes its last token (EOS),
@@ -60,7 +61,9 @@ class Classifier(nn.Module):
             last = jnp.maximum(real.sum(1) - 1, 0)
             pooled = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]
         pooled = nn.Dropout(cfg.dropout, deterministic=deterministic)(pooled)
-        logits = dense(cfg, self.num_labels, ("embed", None), accumulate_float32=True, name="classifier")(pooled)
+        # A decoder's head has no bias, as transformers' *ForSequenceClassification "score".
+        logits = dense(cfg, self.num_labels, ("embed", None), use_bias=cfg.use_bias and cfg.family != "decoder",
+                       accumulate_float32=True, name="classifier")(pooled)
         return logits[:, None, :]  # [batch, 1, num_labels]
 
 

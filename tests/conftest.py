@@ -33,6 +33,7 @@ TINY = [
     "data.tokenizer=builtin:512",
     "data.seq_len=32",
     "data.block_docs=16",
+    "data.num_shards=2",
     "train.global_batch_size=8",
     "train.steps=4",
     "train.log_every=1",

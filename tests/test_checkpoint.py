@@ -52,7 +52,7 @@ def test_checkpoint_restores_onto_a_different_mesh(trained):
         for a, b in zip(jax.tree.leaves((original.params, original.opt_state)),
                         jax.tree.leaves((state.params, state.opt_state))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert len(data["shards"]) == 8 and data["data.num_shards"] == 8
+    assert len(data["shards"]) == 2 and data["data.num_shards"] == 2
 
 
 def test_checksums_catch_any_flipped_bit_and_do_not_depend_on_the_mesh():

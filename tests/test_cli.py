@@ -84,7 +84,7 @@ def _bad_inputs(tmp_path):
         "empty corpus": (["data.source=files", f"data.train_files=[{tmp_path}/empty.txt]",
                           f"data.eval_files=[{tmp_path}/empty.txt]"], "empty"),
         "mesh": (["mesh.data=3"], "mesh.data"),
-        "batch vs shards": (["train.global_batch_size=12"], "data.num_shards"),
+        "batch vs shards": (["train.global_batch_size=12", "data.num_shards=8"], "data.num_shards"),
         "batch vs devices": (["train.global_batch_size=4", "data.num_shards=4"], "data-parallel devices"),
         "vocabulary": (["model.vocab_size=300"], "model.vocab_size"),
         "tokenizer": ([f"data.tokenizer={tmp_path}/missing.model"], "data.tokenizer"),

@@ -153,3 +153,48 @@ def test_a_shard_whose_files_all_vanish_stops_training_instead_of_spinning(tmp_p
         for _ in range(200):
             next(batches)
     batches.close()
+
+
+def test_byte_ranges_that_tile_a_file_read_each_line_once(tmp_path):
+    """Lines of every length (blank, CRLF, longer than a range, none after the last
+    newline), cut at random offsets: the ranges' lines, in order, are the file's."""
+    rng = np.random.default_rng(1)
+    lines = [b"x" * int(n) for n in rng.choice([0, 1, 5, 40, 3000, 70000], 300)]
+    data = b"".join(line + (b"\r\n" if i % 7 == 0 else b"\n") for i, line in enumerate(lines)) + b"tail"
+    path = tmp_path / "cut.txt"
+    path.write_bytes(data)
+    whole, _ = read(path)
+    for cuts in ([], [1], [len(data) - 1], sorted(rng.choice(len(data), 40, replace=False).tolist()),
+                 [data.index(b"\n") + 1, data.index(b"\n") + 2]):  # a cut right after a newline
+        bounds = [0, *cuts, len(data)]
+        stats = DataStats()
+        pieces = [list(read_file(str(path), "text", 1 << 20, stats, lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+        assert [r for piece in pieces for r in piece] == whole
+        assert stats.bytes_read <= len(data) + len(cuts) * 2 * 70_002  # at most two long lines per cut
+
+
+def test_a_file_fewer_than_the_shards_is_read_once_per_epoch(tmp_path):
+    """One file, 8 shards: together the shards read its bytes once (not 8 times) and
+    every line is in exactly one shard; a gzip file cannot be cut and is read by all."""
+    import gzip
+
+    lines = [f"line {i} " + "word " * (i % 50) for i in range(4000)]
+    text = "\n".join(lines) + "\n"
+    for name, write in (("plain.txt", lambda p: p.write_text(text)),
+                        ("packed.txt.gz", lambda p: p.write_bytes(gzip.compress(text.encode())))):
+        path = tmp_path / name
+        write(path)
+        cfg = files_config(path, num_shards=8)
+        source = Source(cfg, "train")
+        stats = DataStats()
+        shards = [[r.decode() for r, _ in source.shard_fn(k, 8, 0, shuffle_files=False, stats=stats)(0).as_numpy_iterator()]
+                  for k in range(8)]
+        assert sorted(line for shard in shards for line in shard) == sorted(lines)
+        size = path.stat().st_size
+        if name == "plain.txt":
+            assert source.splits_files(8)
+            assert size <= stats.bytes_read < 1.05 * size
+            assert min(len(s) for s in shards) > 0.8 * len(lines) / 8  # balanced by bytes
+        else:
+            assert not source.splits_files(8)
+            assert stats.bytes_read == 8 * size

@@ -9,7 +9,9 @@ a document longer than ``max_document_bytes``. In strict mode each of them stops
 run instead.
 
 Files are read through ``tf.io.gfile``, so ``gs://`` paths work like local ones, and
-``.gz`` files are decompressed on the fly.
+``.gz`` files are decompressed on the fly. A line-based file can be read in byte ranges
+(``read_file``'s ``start`` and ``end``): a range holds the lines that begin inside it, so
+ranges that tile a file read each of its lines exactly once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class DataStats:
         self.strict = strict
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("documents", *PROBLEMS), 0)
+        self.bytes_read = 0  # from storage (compressed bytes of .gz files)
         self.first_error: DataError | None = None  # the problem that stopped a strict run
 
     def add_documents(self, count: int) -> None:
@@ -71,6 +74,10 @@ class DataStats:
             more = f" (further ones are only counted, as {kind} in the metrics)" if seen >= _WARNINGS_PER_KIND else ""
             log.warning("%s; %s%s", what, done, more)
 
+    def add_bytes_read(self, count: int) -> None:
+        with self._lock:
+            self.bytes_read += count
+
     def reset(self) -> None:
         with self._lock:
             self._counts = dict.fromkeys(self._counts, 0)
@@ -80,9 +87,87 @@ class DataStats:
             return dict(self._counts)
 
 
-def _open(path: str):
-    f = tf.io.gfile.GFile(path, "rb")
-    return gzip.GzipFile(fileobj=f, mode="rb") if path.endswith(".gz") else f
+class _Counted:
+    """A binary file whose reads are counted in ``stats.bytes_read``."""
+
+    def __init__(self, f, stats: DataStats):
+        self._f, self._stats = f, stats
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._stats.add_bytes_read(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _LineRange:
+    """The bytes of the lines of ``f`` that begin at offsets in ``[start, end)``: the line
+    in progress at ``start`` is skipped (the range before holds it), and the line in
+    progress at ``end`` is read to its end. Looking for a line's end, reads start small
+    and grow, so little is read that the next range reads again."""
+
+    def __init__(self, f, start: int, end: int):
+        self._f, self._end, self._done, self._buffer = f, end, False, b""
+        self._pos = start  # offset of the next byte to deliver (the buffer's first)
+        if start > 0:
+            self._pos = start - 1
+            f.seek(self._pos)
+            for size in _growing_reads():  # to the first line that begins at or after start
+                chunk = f.read(size)
+                newline = chunk.find(b"\n")
+                if newline >= 0 or not chunk:
+                    self._done = not chunk
+                    self._pos += newline + 1
+                    self._buffer = chunk[newline + 1:]
+                    break
+                self._pos += len(chunk)
+        self._done = self._done or self._pos >= end
+        self._tail = _growing_reads()
+
+    def _take(self, n: int) -> bytes:
+        if self._buffer:
+            data, self._buffer = self._buffer[:n], self._buffer[n:]
+            return data
+        return self._f.read(n)
+
+    def read(self, n: int) -> bytes:
+        if self._done:
+            return b""
+        if self._pos < self._end:
+            data = self._take(min(n, self._end - self._pos))
+            self._pos += len(data)
+            # A line that begins exactly at end belongs to the next range.
+            self._done = not data or (self._pos == self._end and data.endswith(b"\n"))
+            return data
+        data = self._take(min(n, next(self._tail)))  # the rest of the line in progress at end
+        newline = data.find(b"\n")
+        if newline >= 0 or not data:
+            self._done = True
+            data = data[: newline + 1] if newline >= 0 else data
+        self._pos += len(data)
+        return data
+
+
+def _growing_reads(first: int = 256, largest: int = 1 << 16) -> Iterator[int]:
+    size = first
+    while True:
+        yield size
+        size = min(2 * size, largest)
+
+
+
+
+def splittable(path: str, kind: str) -> bool:
+    """Whether a file can be read in byte ranges: uncompressed, a record per line."""
+    return kind in ("text", "jsonl", "tsv") and not path.endswith(".gz")
 
 
 def _lines(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tuple[bytes, int]]:
@@ -172,19 +257,31 @@ def _whole_file(f, max_bytes: int, path: str, stats: DataStats) -> Iterator[tupl
 READERS = {"text": _lines, "jsonl": _lines, "tsv": _lines, "tfrecord": _tfrecords, "file": _whole_file}
 
 
-def read_file(path: str, kind: str, max_bytes: int, stats: DataStats) -> Iterator[tuple[bytes, int]]:
+def read_file(path: str, kind: str, max_bytes: int, stats: DataStats, start: int = 0,
+              end: int = -1) -> Iterator[tuple[bytes, int]]:
     """(record, separator bytes) of one file; a file that fails to open or read is
     counted and ends early.
 
     Args:
       path: local or remote file (``.gz`` decompressed).
-      kind: ``text`` or ``jsonl`` (a record per line), ``tfrecord``, or ``file`` (the whole file).
+      kind: ``text``, ``jsonl`` or ``tsv`` (a record per line), ``tfrecord``, or ``file``
+        (the whole file).
       max_bytes: records longer than this are skipped and counted.
-      stats: where problems are counted.
+      stats: where problems and the bytes read are counted.
+      start, end: only the lines that begin at byte offsets in ``[start, end)``
+        (``end`` -1: to the end of the file); for ``splittable`` files only.
     """
+    if (start or end >= 0) and not splittable(path, kind):
+        raise ValueError(f"{path}: a {kind} file cannot be read in byte ranges")
     try:
-        with _open(path) as f:
+        raw = _Counted(tf.io.gfile.GFile(path, "rb"), stats)
+        try:
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+            if start or end >= 0:
+                f = _LineRange(f, start, end if end >= 0 else 1 << 62)
             yield from READERS[kind](f, max_bytes, path, stats)
+        finally:
+            raw.close()
     except (OSError, EOFError, tf.errors.OpError) as e:
         reason = getattr(e, "message", None) or str(e)
         reason = reason.splitlines()[0] if reason else type(e).__name__
@@ -192,14 +289,19 @@ def read_file(path: str, kind: str, max_bytes: int, stats: DataStats) -> Iterato
 
 
 @tf.autograph.experimental.do_not_convert
-def records_dataset(files: tf.Tensor, kind: str, max_bytes: int, stats: DataStats) -> tf.data.Dataset:
+def records_dataset(files: tf.Tensor, kind: str, max_bytes: int, stats: DataStats,
+                    ranges: tf.Tensor | None = None) -> tf.data.Dataset:
     """A tf.data stream of ``(record, separator_bytes)`` from ``files`` (a 1-D string
-    tensor), read in order; Python reads, tf.data receives records in chunks."""
+    tensor), read in order; Python reads, tf.data receives records in chunks.
+    ``ranges``: int64 ``[len(files), 2]``, the byte range ``[start, end)`` of each file
+    to read (``read_file``); default: whole files."""
+    if ranges is None:
+        ranges = tf.tile(tf.constant([[0, -1]], tf.int64), [tf.size(files), 1])
 
-    def generate(paths):
+    def generate(paths, spans):
         records, separators, size = [], [], 0
-        for path in paths:
-            for record, separator in read_file(path.decode(), kind, max_bytes, stats):
+        for path, (start, end) in zip(paths, spans):
+            for record, separator in read_file(path.decode(), kind, max_bytes, stats, int(start), int(end)):
                 records.append(record)
                 separators.append(separator)
                 size += len(record)
@@ -211,7 +313,7 @@ def records_dataset(files: tf.Tensor, kind: str, max_bytes: int, stats: DataStat
 
     chunks = tf.data.Dataset.from_generator(
         generate,
-        args=(files,),
+        args=(files, ranges),
         output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)),
     )
     return chunks.unbatch()

@@ -3,9 +3,13 @@
 A ``Source`` is one split of one dataset, cut into a fixed number of logical shards. A
 shard is a deterministic stream of raw records (``tf.string``) paired with the separator
 bytes that followed each in its file: whole files, balanced by size, go to a shard when
-there are at least as many files as shards; otherwise every shard reads all files and
-keeps every ``num_shards``-th record. Records become text in Python (``decode_records``),
-which counts and skips or repairs bad input instead of failing.
+there are at least as many files as shards. With fewer files, line-based uncompressed
+files (text, JSONL, TSV) are cut into ``num_shards`` equal byte ranges of their
+concatenation, each shard reading the lines that begin in its range, so every byte is
+read once per epoch; other files (gzip, TFRecord, a file per document) cannot be cut
+there, and every shard reads all of them and keeps every ``num_shards``-th record.
+Records become text in Python (``decode_records``), which counts and skips or repairs
+bad input instead of failing.
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from t2x.config import DataConfig
-from t2x.data.reader import DataError, DataStats, records_dataset
+from t2x.data.reader import DataError, DataStats, records_dataset, splittable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,28 @@ def assign_files(sizes: Sequence[int], num_shards: int) -> list[list[int]]:
         shards[k].append(i)
         totals[k] += sizes[i]
     return [sorted(files) for files in shards]
+
+
+def byte_ranges(sizes: Sequence[int], num_shards: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the concatenation of files of ``sizes`` bytes into ``num_shards`` ranges of
+    equal bytes (to within one).
+
+    Returns:
+      For each shard, its pieces ``(file index, start, end)``: byte offsets within the
+      file, in file order.
+    """
+    total = sum(sizes)
+    bounds = [total * k // num_shards for k in range(num_shards + 1)]
+    shards: list[list[tuple[int, int, int]]] = []
+    for k in range(num_shards):
+        pieces, offset = [], 0
+        for i, size in enumerate(sizes):
+            lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + size)
+            if lo < hi:
+                pieces.append((i, lo - offset, hi - offset))
+            offset += size
+        shards.append(pieces)
+    return shards
 
 
 def _example_text(payload: bytes, text_key: str) -> bytes | None:
@@ -242,9 +269,18 @@ class Source:
             self._assigned = (num_shards, shards)
         return self._assigned[1]
 
-    def _read(self, files: tf.Tensor, stats: DataStats) -> tf.data.Dataset:
-        kind = "file" if self.format == "text" and self.cfg.text_unit == "file" else self.format
-        return records_dataset(files, kind, self.cfg.max_document_bytes, stats)
+    @property
+    def _kind(self) -> str:
+        return "file" if self.format == "text" and self.cfg.text_unit == "file" else self.format
+
+    def _read(self, files: tf.Tensor, stats: DataStats, ranges: tf.Tensor | None = None) -> tf.data.Dataset:
+        return records_dataset(files, self._kind, self.cfg.max_document_bytes, stats, ranges)
+
+    def splits_files(self, num_shards: int) -> bool:
+        """Whether ``num_shards`` shards read byte ranges of the files (fewer files than
+        shards, all of them line-based and uncompressed)."""
+        return (self.format != "tfds" and len(self.files) < num_shards
+                and all(splittable(f, self._kind) for f in self.files))
 
     def shard_fn(self, index: int, num_shards: int, seed: int, shuffle_files: bool, stats: DataStats) -> Callable:
         """A function ``epoch -> tf.data.Dataset`` of ``(record, separator_bytes)`` of
@@ -279,6 +315,21 @@ class Source:
                 return self._read(ordered, stats)
 
             return read_shard
+
+        if self.splits_files(num_shards):
+            pieces = byte_ranges(self.sizes, num_shards)[index]
+            paths = tf.constant([self.files[i] for i, _, _ in pieces], tf.string)
+            spans = tf.constant(np.array([[lo, hi] for _, lo, hi in pieces], np.int64).reshape(-1, 2))
+
+            def read_ranges(epoch):
+                if not shuffle_files:
+                    return self._read(paths, stats, spans)
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(len(pieces)), seed=tf.stack([tf.constant(seed + 7919 * index, tf.int64), tf.cast(epoch, tf.int64)])
+                )
+                return self._read(tf.gather(paths, order), stats, tf.gather(spans, order))
+
+            return read_ranges
 
         all_files = tf.constant(self.files)
         return lambda epoch: self._read(all_files, stats).shard(num_shards, index)

@@ -106,10 +106,12 @@ class _Run:
         else:
             self.source, self.labelled = Source(cfg.data, "train"), None
             check_data(self.source, cfg.data, every_shard=True)
-        if self.labelled is None and jax.process_count() > 1 and 0 < len(self.source.files) < cfg.data.num_shards:
+        if (self.labelled is None and 0 < len(self.source.files) < cfg.data.num_shards
+                and not self.source.splits_files(cfg.data.num_shards)):
             log.warning(
-                "%s has fewer files than data.num_shards (%d): every process reads all of them and keeps its "
-                "shards' records; split the data into at least %d files so each process reads only its own",
+                "%s has fewer files than data.num_shards (%d) and they cannot be read in byte ranges (gzip, "
+                "TFRecord or a file per document): every shard reads all of them and keeps its own records; split "
+                "the data into at least %d files (or uncompressed text or JSONL) so each byte is read once",
                 self.source.description, cfg.data.num_shards, cfg.data.num_shards,
             )
         self.tx, self.schedule = make_optimizer(cfg)

@@ -42,10 +42,15 @@ log = logging.getLogger(__name__)
 WRAPPER_SETTINGS = ("train.grad_accum_steps", "train.on_nonfinite", "optim.clip_norm")
 
 
+DATA_LAYOUT, BYTE_RANGES = "data layout", "byte ranges"
+
+
 def data_meta(cfg: Config, source: Source, tokenizer: Tokenizer) -> dict[str, Any]:
     """What the input pipeline's stored positions mean; a resume must match all of it."""
     d = cfg.data
     labels = {"classify.labels": list(cfg.classify.labels)} if cfg.classify.enabled else {}
+    if isinstance(source, Source) and source.splits_files(d.num_shards):
+        labels[DATA_LAYOUT] = BYTE_RANGES
     return labels | {
         "training data": source.fingerprint,  # files (names, sizes), format and text field, or the TFDS split
         "data.tokenizer": tokenizer.fingerprint[:16],
@@ -68,6 +73,11 @@ def check_data_state(saved: dict, expected: dict) -> None:
     """
     for key, value in expected.items():
         if saved.get(key) != value:
+            if key == DATA_LAYOUT:
+                raise ConfigError(
+                    "the training files are read in byte ranges (each byte once per epoch), but the checkpoint's input "
+                    "position was made by shards that each read all the files; start a new train.run_dir, or resume "
+                    "with the t2x version that made the checkpoint")
             what = "are different files, format or text field" if key == "training data" else f"is {value!r}"
             raise ConfigError(
                 f"{key} {what}, but the checkpoint's input position was made with {saved.get(key)!r}; "

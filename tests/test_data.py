@@ -261,3 +261,16 @@ def test_an_eval_split_that_fills_few_shards_is_warned_about(tmp_path, caplog):
     caplog.clear()
     check_data(Source(cfg, "eval"), dataclasses.replace(cfg, num_shards=2), every_shard=False)
     assert not caplog.messages
+
+
+def test_a_position_made_before_byte_ranges_is_not_resumed_from_them(tmp_path):
+    from t2x.config import ConfigError
+    from t2x.train.resume import DATA_LAYOUT, check_data_state, data_meta
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)  # the built-in corpus: one file, fewer than the shards
+    meta = data_meta(cfg, Source(cfg.data, "train"), load_tokenizer(cfg.data.tokenizer))
+    assert meta[DATA_LAYOUT] == "byte ranges"
+    check_data_state(meta, meta)
+    with pytest.raises(ConfigError, match="byte ranges.*start a new train.run_dir"):
+        check_data_state({k: v for k, v in meta.items() if k != DATA_LAYOUT}, meta)

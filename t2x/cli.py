@@ -62,6 +62,23 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("overrides", nargs="*", metavar="key=value",
                              help="dotted config overrides, e.g. train.steps=100")
 
+    bench = commands.add_parser(
+        "bench", help="measure a config's train step: tokens/s, model FLOP/s, MFU, compile time, memory",
+        description="Time the config's real jitted train step (its model, optimizer, shardings and donation) on "
+        "synthetic rows its family packs from random tokens, after compiling it and --warmup untimed steps. Prints "
+        "tokens_per_second, model_tflops_per_second_per_device (t2x/flops.py), mfu (against the device's tabulated "
+        "bf16 peak, --peak-flops or train.peak_flops_per_device), step_seconds_median and _mean, compile_seconds, the "
+        "last step's loss, and memory (device peak, the step's argument and temporary bytes, host peak RSS) as one "
+        "JSON line; with --measure-peak also this machine's float32 matmul peak through XLA and the step's share of "
+        "it. Needs no data; see docs/performance.md.")
+    bench.add_argument("config", help="YAML config file (see configs/)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling (default 2)")
+    bench.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per device for MFU")
+    bench.add_argument("--measure-peak", action="store_true",
+                       help="also measure the float32 matmul peak of this machine through XLA")
+
     keys = "; ".join(f"{k}: {v}" for k, v in EVAL_KEYS.items())
     evaluate = commands.add_parser(
         "eval",
@@ -494,6 +511,11 @@ def main(argv: list[str] | None = None, result_stream: TextIO | None = None) -> 
             cfg, run_dir = load_run(args.target, _eval_overrides(args))
             _join_job(cfg)
             result = evaluate_checkpoint(cfg, run_dir, args.step)
+        elif args.command == "bench":
+            from t2x.bench import bench
+
+            result = bench(load_config(args.config, args.overrides), args.steps, args.warmup, args.peak_flops,
+                           args.measure_peak)
         elif args.command in INFERENCE:
             result = INFERENCE[args.command](args)
         else:

@@ -42,10 +42,35 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 def _gfile():
     """tf.io.gfile (local or remote paths), imported only by what reads or writes files:
-    a ``Tokenizer`` made from model bytes needs no TensorFlow."""
-    import tensorflow as tf
-
+    a ``Tokenizer`` made from model bytes needs no TensorFlow, and where TensorFlow is not
+    installed (a GPU machine for the model and step alone) local files are read without it."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return _LocalFiles
     return tf.io.gfile
+
+
+class _LocalFiles:
+    """The few ``tf.io.gfile`` calls tokenizers make, for local paths, without TensorFlow."""
+
+    @staticmethod
+    def _local(path: str) -> str:
+        if "://" in path:
+            raise TokenizerError(f"{path}: reading a remote path needs TensorFlow (tf.io.gfile), which is not "
+                                 "installed; install tensorflow or copy the tokenizer to a local path")
+        return path
+
+    exists = staticmethod(lambda path: os.path.exists(_LocalFiles._local(path)))
+    isdir = staticmethod(lambda path: os.path.isdir(_LocalFiles._local(path)))
+    makedirs = staticmethod(lambda path: os.makedirs(_LocalFiles._local(path), exist_ok=True))
+    GFile = staticmethod(lambda path, mode="r": open(_LocalFiles._local(path), mode))
+
+    @staticmethod
+    def rename(src: str, dst: str, overwrite: bool = False) -> None:
+        if not overwrite and os.path.exists(dst):
+            raise FileExistsError(dst)
+        os.replace(_LocalFiles._local(src), _LocalFiles._local(dst))
 
 MAX_TRAINING_LINES = 2_000_000
 # SentencePiece's result depends on its thread count: a fixed count makes training give
@@ -402,11 +427,12 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
 def builtin_tokenizer_path(vocab_size: int) -> str:
     """Path of the cached tokenizer for the built-in corpus (trained on first use)."""
     from t2x.data import corpus
-    from t2x.data.sources import read_texts
 
     prefix = corpus.cache_dir() / "tokenizers" / f"{corpus.corpus_dir().name}-unigram-{vocab_size}-t{TRAINING_THREADS}"
     path = f"{prefix}.model"
     if not os.path.exists(path):
+        from t2x.data.sources import read_texts  # tf.data: only to train it
+
         train_tokenizer(read_texts([corpus.split_file("train")]), vocab_size, str(prefix))
     return path
 

@@ -1,0 +1,234 @@
+"""t2x next to Hugging Face ``transformers``' PyTorch GPT-2, training the same thing.
+
+For each shape both train a GPT-2 (learned positions, LayerNorm, tanh-GELU, biases, tied
+embeddings) from the same initial weights (t2x's, copied across with t2x's own
+Hugging Face export mapping) on the same batches of whole-document rows, with the same
+optimizer: AdamW with weight decay on matrices and embeddings, t2x's learning-rate
+schedule step by step, gradients clipped to norm 1, float32 throughout.
+
+1. **Equal work**: ``--loss-steps`` steps of each on the same fixed batches; the losses
+   after them must agree (``--loss-tolerance``), or the comparison stops there.
+2. **Speed**: ``--rounds`` rounds, each timing ``--steps`` steps of t2x then of PyTorch,
+   so both meet the machine in the same state; the median step time of each gives
+   tokens/s and the ratio.
+3. **The limit**: this machine's float32 matrix-multiply peak through XLA and through
+   PyTorch (best of repeated 2048^3 products), and each one's achieved model FLOP/s
+   (``t2x/flops.py``'s count for both) as a fraction of its own library's peak.
+
+Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
+
+    python benchmarks/peers.py                       # both shapes
+    python benchmarks/peers.py --shapes small --rounds 5
+    python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from t2x.bench import StepBench, matmul_peak_flops
+from t2x.config import load_config
+from t2x.flops import training_flops_per_step
+from t2x.hf.decoder import GPT2, hf_config, tensors
+from t2x.train.state import make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    # 6 layers, d_model 384, 6 heads, seq 256, batch 8, vocabulary 8192.
+    "small": ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536",
+              "model.vocab_size=8192", "model.max_seq_len=256", "data.seq_len=256", "train.global_batch_size=8",
+              "data.tokenizer=builtin:4096"],
+    # GPT-2 small (124M) at seq 512, batch 4.
+    "gpt2_small": ["model.max_seq_len=512", "data.seq_len=512", "train.global_batch_size=4", "data.tokenizer=builtin:4096"],
+}
+COMMON = ["model.dtype=float32", "model.remat=none", "model.dropout=0.0", "train.z_loss=0.0", "mesh.data=1",
+          "data.num_shards=1", "optim.warmup_steps=10", "train.steps=10000", "optim.clip_norm=1.0"]
+
+
+def whole_document_rows(rows: int, seq_len: int, vocab_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows of random tokens, each one whole document (what GPT-2 in transformers reads
+    without segment masks)."""
+    return {
+        "tokens": rng.integers(4, vocab_size, (rows, seq_len), dtype=np.int32),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+        "num_bytes": np.zeros((rows,), np.int32),
+    }
+
+
+class TorchGPT2:
+    """``transformers``' GPT2LMHeadModel with given weights (``tensors``, named as in
+    transformers), trained as t2x trains: learning rate ``lrs[step]``."""
+
+    def __init__(self, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches, bos_id: int):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.torch = torch
+        self.model = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}))
+        state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight" and not k.endswith("attn.bias")]:
+            raise RuntimeError(f"weights do not match GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
+        self.model.train()
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": optim["weight_decay"]},
+                  {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
+                                           foreach=True)
+        self.clip, self.lrs, self.step_count = optim["clip_norm"], lrs, 0
+        self.batches = []
+        for b in batches:  # inputs: BOS then each token's predecessor (t2x's causal_lm on whole rows)
+            tokens = torch.from_numpy(b["tokens"].astype(np.int64))
+            inputs = torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], 1)
+            self.batches.append((inputs, tokens))
+
+    def run(self, steps: int) -> list[float]:
+        torch, times, vocab = self.torch, [], self.model.config.vocab_size
+        for i in range(steps):
+            t0 = time.perf_counter()
+            inputs, targets = self.batches[i % len(self.batches)]
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lrs[self.step_count]
+            logits = self.model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.optimizer.step()
+            self.step_count += 1
+            self.last_loss = loss.item()
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def _torch_worker(conn, *args) -> None:
+    """The peer in a process of its own (so neither library's threads wait, spinning, on
+    the other's turn): builds ``TorchGPT2(*args)``, then runs steps on request."""
+    peer = TorchGPT2(*args)
+    conn.send(sum(p.numel() for p in peer.model.parameters()))
+    while (steps := conn.recv()) is not None:
+        conn.send((peer.run(steps), peer.last_loss))
+
+
+def torch_matmul_peak(size: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of PyTorch's float32 ``size``-square matrix multiply, best of repeats."""
+    import torch
+
+    a, b = (torch.randn(size, size) for _ in range(2))
+    torch.matmul(a, b)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def _torch_facts() -> tuple[float, str, int]:
+    import torch
+
+    return torch_matmul_peak(), torch.__version__, torch.get_num_threads()
+
+
+def compare(shape: str, args, peaks: dict) -> dict:
+    cfg = load_config(REPO / "configs" / "gpt2_small.yaml", [*SHAPES[shape], *COMMON, *args.t2x])
+    m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    rows = [whole_document_rows(batch, seq, m.vocab_size, rng) for _ in range(4)]
+    ours = StepBench(cfg, devices=jax.devices()[:1], rows=rows)
+    params = jax.tree.map(np.asarray, jax.device_get(ours.state.params))
+    _, schedule = make_optimizer(cfg)
+    total = args.loss_steps + args.rounds * args.steps
+    lrs = [float(v) for v in jax.device_get(jax.vmap(schedule)(np.arange(total)))]
+    o = cfg.optim
+    optim = {"weight_decay": o.weight_decay, "b1": o.b1, "b2": o.b2, "eps": o.eps, "clip_norm": o.clip_norm}
+    hf = hf_config(m, GPT2, "float32", {"bos_token": ours.bos_id, "eos_token": ours.bos_id})
+    conn, theirs = multiprocessing.get_context("spawn").Pipe()
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_torch_worker, args=(theirs, hf, tensors(m, GPT2, params), optim, lrs, rows, ours.bos_id), daemon=True)
+    worker.start()
+    peer_params = conn.recv()
+
+    def peer_run(steps):
+        conn.send(steps)
+        return conn.recv()
+
+    try:
+        ours.run(args.loss_steps)
+        _, loss_torch = peer_run(args.loss_steps)
+        loss_t2x = ours.last_metrics["loss"]
+        same = abs(loss_t2x - loss_torch) <= args.loss_tolerance
+        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq,
+                  "vocab_size": m.vocab_size, "loss_steps": args.loss_steps, "loss_t2x": loss_t2x,
+                  "loss_torch": loss_torch, "same_loss": same}
+        if not same:
+            return result
+        ours_times, peer_times = [], []
+        for _ in range(args.rounds):
+            ours_times += ours.run(args.steps)
+            peer_times += peer_run(args.steps)[0]
+    finally:
+        conn.send(None)
+        worker.join(timeout=60)
+    flops = training_flops_per_step(m, batch, seq)
+    t2x_s, torch_s = statistics.median(ours_times), statistics.median(peer_times)
+    return {**result,
+            "t2x_step_seconds": t2x_s, "torch_step_seconds": torch_s,
+            "t2x_tokens_per_second": batch * seq / t2x_s, "torch_tokens_per_second": batch * seq / torch_s,
+            "ratio": torch_s / t2x_s,
+            "t2x_model_tflops": flops / t2x_s / 1e12, "torch_model_tflops": flops / torch_s / 1e12,
+            "t2x_of_xla_peak": flops / t2x_s / peaks["xla_matmul_flops"],
+            "torch_of_torch_peak": flops / torch_s / peaks["torch_matmul_flops"],
+            "t2x_compile_seconds": ours.compile_seconds}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each per round")
+    parser.add_argument("--loss-steps", type=int, default=30, help="steps before the losses are compared")
+    parser.add_argument("--loss-tolerance", type=float, default=2e-3)
+    parser.add_argument("--t2x", nargs="*", default=[], metavar="key=value",
+                        help="t2x settings on top of the shape (model.* settings the peer does not share are refused by "
+                        "the loss check)")
+    args = parser.parse_args(argv)
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # torch apart from XLA here too
+        torch_peak, torch_version, torch_threads = pool.apply(_torch_facts)
+    peaks = {"xla_matmul_flops": matmul_peak_flops(), "torch_matmul_flops": torch_peak}
+    machine = {"jax": jax.__version__, "torch": torch_version, "torch_threads": torch_threads,
+               "device": jax.devices()[0].device_kind,
+               "xla_matmul_tflops": peaks["xla_matmul_flops"] / 1e12,
+               "torch_matmul_tflops": peaks["torch_matmul_flops"] / 1e12}
+    print(json.dumps(machine), flush=True)
+    results = []
+    for shape in args.shapes:
+        r = compare(shape, args, peaks)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if not r["same_loss"]:
+            print(f"{shape}: losses after {args.loss_steps} steps differ (t2x {r['loss_t2x']:.5f}, torch "
+                  f"{r['loss_torch']:.5f}): not the same work, no timing", file=sys.stderr)
+    for r in results:
+        if r["same_loss"]:
+            print(f"{r['shape']:>10}: t2x {r['t2x_tokens_per_second']:,.0f} tok/s, transformers "
+                  f"{r['torch_tokens_per_second']:,.0f} tok/s, ratio {r['ratio']:.2f}x; t2x at "
+                  f"{r['t2x_of_xla_peak']:.0%} of XLA's matmul peak, transformers at {r['torch_of_torch_peak']:.0%} "
+                  f"of torch's; loss after {r['loss_steps']} steps {r['loss_t2x']:.4f} vs {r['loss_torch']:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if all(r["same_loss"] for r in main()) else 1)

@@ -188,3 +188,46 @@ def test_importing_t2x_selects_the_cpu_schedule_that_cannot_deadlock():
     # Set before this process created its CPU backend (conftest imports t2x first).
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
     assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
+    """Blocks of queries over the keys up to their last: the same outputs and gradients as
+    one causal, segment-masked attention over the whole row (with a bias, T5's way), and
+    the float64 reference's."""
+    from t2x.models.attention import CAUSAL_BLOCK, causal_blocked_attention
+
+    rng = np.random.default_rng(7)
+    seq = 4 * CAUSAL_BLOCK
+    q = jnp.asarray(rng.normal(size=(2, seq, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, seq, kv_heads, 8)), jnp.float32) for _ in range(2))
+    _, _, segment_ids = packed_inputs(rng, batch=2, seq=seq)
+    mask = attention_mask(jnp.asarray(segment_ids), seq)
+    bias = jnp.asarray(rng.normal(size=(1, 4, seq, seq)), jnp.float32)
+    for b in (None, bias):
+        def full(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, bias=b, mask=mask)
+
+        def blocked(q, k, v):
+            return causal_blocked_attention(q, k, v, mask, b, scale=None)
+
+        np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-6, atol=1e-6)
+        grads = [jax.grad(lambda *x: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2))(q, k, v) for f in (blocked, full)]
+        for a, c in zip(*grads):
+            np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), reference.mask_of(segment_ids))
+    np.testing.assert_allclose(causal_blocked_attention(q, k, v, mask, None, None), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_reference():
+    from t2x.models.attention import CAUSAL_BLOCK, _blocks_causally
+
+    seq = 2 * CAUSAL_BLOCK
+    cfg = dataclasses.replace(BASE, max_seq_len=seq)
+    assert _blocks_causally(cfg, seq) and not _blocks_causally(dataclasses.replace(cfg, attention="cudnn"), seq)
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(3), seq=seq)
+    model, params = init_params(cfg, tokens)
+    logits = model.apply({"params": params}, tokens, positions, segment_ids)
+    expected = reference.forward(params, cfg, tokens, positions, segment_ids)
+    real = segment_ids > 0
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], rtol=2e-4, atol=2e-4)

@@ -26,6 +26,34 @@ def attention_mask(segment_ids: jax.Array | None, seq_len: int, causal: bool = T
     return mask
 
 
+CAUSAL_BLOCK = 64  # query rows per block of causal_blocked_attention
+
+
+def _blocks_causally(cfg: ModelConfig, seq_len: int) -> bool:
+    """Causal self-attention skips the key blocks its mask hides where XLA computes it on
+    a CPU (``model.attention`` auto there, or xla), with at least two whole blocks."""
+    xla = cfg.attention == "xla" or (cfg.attention == "auto" and jax.default_backend() == "cpu")
+    return xla and seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK
+
+
+def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
+                             scale: float | None, block: int = CAUSAL_BLOCK) -> jax.Array:
+    """``jax.nn.dot_product_attention`` under a causal ``mask`` [batch or 1, 1, seq, seq],
+    computed by blocks of ``block`` queries, each over the keys up to its last query: the
+    keys after it are masked for every query of the block, so their scores, softmax and
+    products (nearly half of the whole) are never computed. The result is the full
+    computation's: the skipped keys' weights are exactly 0 there."""
+    seq_len = q.shape[1]
+    outs = []
+    for start in range(0, seq_len, block):
+        end = start + block
+        rows = (slice(None), slice(None), slice(start, end), slice(0, end))
+        outs.append(jax.nn.dot_product_attention(
+            q[:, start:end], k[:, :end], v[:, :end], bias=None if bias is None else bias[rows],
+            mask=mask[rows], scale=scale, implementation="xla"))
+    return jnp.concatenate(outs, axis=1)
+
+
 def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
     """Boolean mask [batch, 1, q_len, cache_len] for queries reading a KV cache: a query
     at position p sees cache slots 0..p, which hold its row's tokens at those positions."""
@@ -91,6 +119,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     window: int | None = None  # cache slots attended (default: all)
     cross: bool = False  # keys and values from ``kv``, not ``x``
+    causal: bool = False  # the mask is causal (with segments): XLA may skip the blocks it hides
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: dict | None = None,
@@ -131,10 +160,12 @@ class Attention(nn.Module):
             window = self.window or cache["k"].shape[2]
             k, v = (constrain(read_cache(cache[n], layer, rows, window).astype(q.dtype),
                               ("batch", "length", "act_kv_heads", "head_dim")) for n in "kv")
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=1.0 if t5 else None,
-            implementation=None if cfg.attention == "auto" else cfg.attention,
-        )
+        bias = None if bias is None else bias.astype(q.dtype)
+        if self.causal and cache is None and not self.cross and _blocks_causally(cfg, q.shape[1]):
+            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0 if t5 else None,
+                                               implementation=None if cfg.attention == "auto" else cfg.attention)
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         out = dense(
             cfg,

@@ -82,7 +82,7 @@ class Decoder(nn.Module):
         bias = None
         if cfg.position == "relative":
             bias = RelativePositionBias(cfg, bidirectional=False, name="relative_bias")(positions, key_positions)
-        out = BlockStack(cfg, deterministic, window, cfg.decoder_layers, cross=True, name="blocks")(
+        out = BlockStack(cfg, deterministic, window, cfg.decoder_layers, cross=True, causal=True, name="blocks")(
             x, positions, mask, cache, rows, encoded, cross_mask, bias)
         x, cache = (out, None) if cache is None else out
         if cfg.norm_position == "pre":

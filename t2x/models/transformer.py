@@ -37,6 +37,7 @@ class Block(nn.Module):
     scanned: bool = False
     window: int | None = None
     cross: bool = False
+    causal: bool = False  # the self-attention mask is causal (see ``Attention``)
 
     @nn.compact
     def __call__(self, x, positions: jax.Array, mask: jax.Array, layer=None, rows: jax.Array | None = None,
@@ -53,7 +54,7 @@ class Block(nn.Module):
             return layer_norm(x) if post else x
 
         attn_norm = norm(cfg, "attn_norm")
-        h = Attention(cfg, self.window, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows,
+        h = Attention(cfg, self.window, causal=self.causal, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows,
                                                      None, bias)
         if cache is not None:
             h, cache = h
@@ -87,6 +88,7 @@ class BlockStack(nn.Module):
     window: int | None = None
     num_layers: int | None = None
     cross: bool = False
+    causal: bool = False  # the self-attention mask is causal (see ``Attention``)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
@@ -110,11 +112,12 @@ class BlockStack(nn.Module):
             layer_ids = None if cache is None else jax.numpy.arange(num_layers)
             carry = x if cache is None else (x, cache)
             out, _ = stack(cfg, self.deterministic, scanned=True, window=self.window, cross=self.cross,
-                           name=STACKED_LAYERS)(carry, positions, mask, layer_ids, rows, None, encoded, cross_mask,
+                           causal=self.causal, name=STACKED_LAYERS)(carry, positions, mask, layer_ids, rows, None, encoded, cross_mask,
                                                 bias)
             return out
         for i in range(num_layers):
-            out = block(cfg, self.deterministic, window=self.window, cross=self.cross, name=f"layers_{i}")(
+            out = block(cfg, self.deterministic, window=self.window, cross=self.cross, causal=self.causal,
+                        name=f"layers_{i}")(
                 x, positions, mask, i, rows, cache, encoded, cross_mask, bias
             )
             x, cache = (out, None) if cache is None else out

@@ -211,8 +211,9 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
         def blocked(q, k, v):
             return causal_blocked_attention(q, k, v, mask, b, scale=None)
 
-        np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-6, atol=1e-6)
-        grads = [jax.grad(lambda *x: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2))(q, k, v) for f in (blocked, full)]
+        np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), rtol=1e-6, atol=1e-6)
+        grads = [jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2)))(q, k, v)
+                 for f in (blocked, full)]
         for a, c in zip(*grads):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), reference.mask_of(segment_ids))

@@ -62,7 +62,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-    attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention implementation)
+    attention: str = "auto"  # auto | xla | cudnn (see t2x.models.attention.self_attention_kernel)
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots | dots_no_batch
 
@@ -79,6 +79,9 @@ class ModelConfig:
                  "model.relative_buckets and model.relative_max_distance must be > 1")
         _one_of("model.dtype", self.dtype, ["float32", "bfloat16"])
         _one_of("model.attention", self.attention, ["auto", "xla", "cudnn"])
+        _require(self.attention != "cudnn" or self.dtype != "float32",
+                 "model.attention=cudnn needs model.dtype=bfloat16: cuDNN's fused attention has no float32 "
+                 "kernel (model.attention=auto takes cuDNN where it can and XLA elsewhere)")
         _one_of("model.remat", self.remat, ["none", "full", "dots", "dots_no_batch"])
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
             _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
@@ -251,6 +254,7 @@ class TrainConfig:
     global_batch_size: int = 64  # sequences per optimizer step, across all devices
     grad_accum_steps: int = 1  # micro-batches per step (optax.MultiSteps)
     seed: int = 0
+    dropout_rng: str = "threefry2x32"  # PRNG of dropout's masks: threefry2x32 | rbg | unsafe_rbg (faster on GPU/TPU)
     z_loss: float = 0.0  # coefficient of log(Z)^2
     label_smoothing: float = 0.0  # of each token's target, this much spread evenly over the vocabulary
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
@@ -265,6 +269,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _one_of("train.on_nonfinite", self.on_nonfinite, ["stop", "skip"])
+        _one_of("train.dropout_rng", self.dropout_rng, ["threefry2x32", "rbg", "unsafe_rbg"])
         for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every", "max_consecutive_skips"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")

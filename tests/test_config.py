@@ -67,6 +67,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["model.num_heads=4", "model.num_kv_heads=3"], "model.num_kv_heads"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
         (["model.dropout=1.5"], "model.dropout"),
+        (["model.attention=cudnn", "model.dtype=float32"], "model.dtype=bfloat16"),
         (["no_equals_sign"], "key=value"),
     ],
 )

@@ -221,14 +221,128 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
 
 
 def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_reference():
-    from t2x.models.attention import CAUSAL_BLOCK, _blocks_causally
+    from t2x.models.attention import CAUSAL_BLOCK, self_attention_kernel
 
     seq = 2 * CAUSAL_BLOCK
     cfg = dataclasses.replace(BASE, max_seq_len=seq)
-    assert _blocks_causally(cfg, seq) and not _blocks_causally(dataclasses.replace(cfg, attention="cudnn"), seq)
+    assert self_attention_kernel(cfg, seq, has_bias=False, causal=True) == "xla_blocks"
     tokens, positions, segment_ids = packed_inputs(np.random.default_rng(3), seq=seq)
     model, params = init_params(cfg, tokens)
     logits = model.apply({"params": params}, tokens, positions, segment_ids)
     expected = reference.forward(params, cfg, tokens, positions, segment_ids)
     real = segment_ids > 0
     np.testing.assert_allclose(np.asarray(logits)[real], expected[real], rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("attention,dtype,head_dim,bias,causal,backend,seq,expected", [
+    ("auto", "bfloat16", 64, False, True, "gpu", 1024, "cudnn"),
+    ("auto", "bfloat16", 64, False, False, "gpu", 512, "cudnn"),  # an encoder's
+    ("auto", "bfloat16", 128, False, True, "gpu", 1024, "cudnn"),
+    ("auto", "float32", 64, False, True, "gpu", 1024, "xla"),  # cuDNN has no float32 kernel
+    ("auto", "bfloat16", 64, True, True, "gpu", 1024, "xla"),  # T5's logit bias
+    ("auto", "bfloat16", 160, False, True, "gpu", 1024, "xla"),  # head_dim > 128
+    ("auto", "bfloat16", 60, False, True, "gpu", 1024, "xla"),  # not a multiple of 8
+    ("auto", "bfloat16", 64, False, True, "tpu", 1024, "xla"),
+    ("auto", "float32", 64, False, True, "cpu", 1024, "xla_blocks"),
+    ("auto", "float32", 64, False, False, "cpu", 1024, "xla"),
+    ("auto", "float32", 64, False, True, "cpu", 96, "xla"),  # not whole blocks
+    ("xla", "bfloat16", 64, False, True, "gpu", 1024, "xla_blocks"),
+    ("cudnn", "bfloat16", 64, True, True, "gpu", 1024, "cudnn"),
+])
+def test_self_attention_kernel_choice(attention, dtype, head_dim, bias, causal, backend, seq, expected):
+    from t2x.models.attention import self_attention_kernel
+
+    cfg = dataclasses.replace(BASE, attention=attention, dtype=dtype, d_model=4 * head_dim, num_heads=4)
+    assert cfg.head_size == head_dim
+    assert self_attention_kernel(cfg, seq, has_bias=bias, causal=causal, backend=backend) == expected
+
+
+def test_packed_segments_describe_each_run_of_a_row():
+    from t2x.models.attention import packed_segments
+
+    rng = np.random.default_rng(0)
+    rows = [[1, 1, 1, 2, 2, 3, 0, 0], [1] * 8, [1, 2, 3, 4, 5, 6, 7, 8], [1, 1, 2, 2, 2, 2, 2, 0]]
+    for _ in range(20):  # random packings: runs of random lengths, padding at the end
+        cuts = np.sort(rng.choice(np.arange(1, 8), rng.integers(0, 5), replace=False))
+        ids = np.zeros(8, np.int64)
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, 8])):
+            ids[a:b] = i + 1
+        ids[8 - rng.integers(0, 3):] = 0
+        rows.append(ids.tolist())
+    lengths, offsets = (np.asarray(x) for x in packed_segments(jnp.asarray(rows, jnp.int32)))
+    assert lengths.shape == (len(rows), 8) and offsets.shape == (len(rows), 9)
+    for row, length, offset in zip(rows, lengths, offsets):
+        runs = [(i, j) for i, j in zip([0] + [p for p in range(1, 8) if row[p] != row[p - 1]],
+                                       [p for p in range(1, 8) if row[p] != row[p - 1]] + [8])]
+        n = len(runs)
+        assert offset[:n].tolist() == [a for a, _ in runs] and (offset[n:] == -1).all()
+        assert length[:n].tolist() == [b - a for a, b in runs] and (length[n:] == -1).all()
+        assert length[:n].sum() == 8  # padding is a run of its own: every token is in one
+    lengths, offsets = packed_segments(jnp.asarray(rows, jnp.int32), max_segments=3)
+    assert lengths.shape == (len(rows), 3) and offsets.shape == (len(rows), 4)
+    assert np.asarray(offsets)[0].tolist() == [0, 3, 5, -1]
+
+
+def _dot_input_dtypes(fn, *args, vocab=None):
+    """The operand dtypes of every dot_general in ``fn``'s jaxpr (nested ones included),
+    or of those with a dimension of size ``vocab``."""
+    from jax.extend.core import jaxprs_in_params
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and (vocab is None or vocab in eqn.outvars[0].aval.shape
+                                                         or any(vocab in v.aval.shape for v in eqn.invars)):
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_float32_dot_general_returns_float32_and_takes_gradients_in_the_operands_dtype():
+    from t2x.models.layers import float32_dot_general
+
+    rng = np.random.default_rng(0)
+    x64, w64, g64 = rng.standard_normal((2, 5, 16)), rng.standard_normal((24, 16)), rng.standard_normal((2, 5, 24))
+    dims = (((2,), (1,)), ((), ()))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, w = jnp.asarray(x64, dtype), jnp.asarray(w64, dtype)
+        g = jnp.asarray(g64, jnp.float32)
+
+        def ours(x, w):
+            return jnp.sum(float32_dot_general(x, w, dims) * g)
+
+        out = float32_dot_general(x, w, dims)
+        assert out.dtype == jnp.float32
+        xr, wr = (np.asarray(a, np.float64) for a in (x, w))  # the operands as given, exactly
+        np.testing.assert_allclose(out, xr @ wr.T, rtol=1e-5, atol=1e-5)
+        dx, dw = jax.grad(ours, argnums=(0, 1))(x, w)
+        assert dx.dtype == dtype and dw.dtype == dtype
+        gr = np.asarray(g.astype(dtype), np.float64)  # the cotangent rounded to the operands' dtype
+        tol = 1e-5 if dtype == jnp.float32 else 1e-2
+        np.testing.assert_allclose(np.asarray(dx, np.float64), gr @ wr, rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum("bsv,bsd->vd", gr, xr), rtol=tol, atol=tol)
+        if dtype == jnp.float32:  # exactly lax.dot_general's, values and gradients
+            def plain(x, w):
+                return jnp.sum(jax.lax.dot_general(x, w, dims) * g)
+            for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(plain, argnums=(0, 1))(x, w)):
+                np.testing.assert_array_equal(a, b)
+        else:  # every product, forward and backward, multiplies bfloat16 operands
+            dtypes = _dot_input_dtypes(jax.grad(ours, argnums=(0, 1)), x, w)
+            assert len(dtypes) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bfloat16_models_vocabulary_projection_multiplies_bfloat16_both_ways(tied):
+    cfg = dataclasses.replace(BASE, dtype="bfloat16", tie_embeddings=tied)
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(5))
+    model, params = init_params(cfg, tokens)
+
+    def loss(params):
+        return jnp.mean(model.apply({"params": params}, tokens, positions, segment_ids))
+
+    dtypes = _dot_input_dtypes(jax.grad(loss), params, vocab=cfg.vocab_size)
+    assert len(dtypes) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes

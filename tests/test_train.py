@@ -293,3 +293,15 @@ def test_resume_with_other_data_settings_is_refused_and_keeps_the_run(tmp_path):
         train(tiny_config(tmp_path, "train.steps=4", "train.seed=1"))
     assert (tmp_path / "config.yaml").read_text() == recorded
     assert Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+
+
+def test_dropout_rng_implementations_draw_their_own_masks_and_the_same_again(tmp_path):
+    batch = _batch(seed=4)
+    losses = {}
+    for impl in ("threefry2x32", "rbg", "rbg"):
+        *_, metrics = _one_step(tiny_config(tmp_path, "model.dropout=0.3", f"train.dropout_rng={impl}"), batch)
+        assert np.isfinite(metrics["loss"])
+        losses.setdefault(impl, []).append(float(metrics["loss"]))
+    *_, plain = _one_step(tiny_config(tmp_path, "model.dropout=0.0"), batch)
+    assert losses["rbg"][0] == losses["rbg"][1]  # the same seed and step, the same masks
+    assert len({losses["threefry2x32"][0], losses["rbg"][0], float(plain["loss"])}) == 3

@@ -27,13 +27,104 @@ def attention_mask(segment_ids: jax.Array | None, seq_len: int, causal: bool = T
 
 
 CAUSAL_BLOCK = 64  # query rows per block of causal_blocked_attention
+PACKED_SEGMENTS = 8  # runs of a row that cuDNN's packed attention is given room for
 
 
-def _blocks_causally(cfg: ModelConfig, seq_len: int) -> bool:
-    """Causal self-attention skips the key blocks its mask hides where XLA computes it on
-    a CPU (``model.attention`` auto there, or xla), with at least two whole blocks."""
-    xla = cfg.attention == "xla" or (cfg.attention == "auto" and jax.default_backend() == "cpu")
-    return xla and seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK
+def _on_cuda() -> bool:
+    """The default backend is an NVIDIA GPU (CUDA, where cuDNN is)."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "cuda" in jax.extend.backend.get_backend().platform_version.lower()
+    except Exception:  # noqa: BLE001 - a backend that cannot say is not taken for CUDA
+        return False
+
+
+def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal: bool,
+                          backend: str | None = None) -> str:
+    """How self-attention over ``seq_len`` tokens is computed in training and evaluation:
+
+    - ``cudnn``: cuDNN's fused (flash) attention, packed segments passed to it as such and
+      the causal mask as its mask type, so it skips the blocks the mask hides. Chosen by
+      ``model.attention = cudnn``, or by auto on an NVIDIA GPU for bfloat16 with head
+      dimensions cuDNN takes (a multiple of 8, at most 128) and no logit bias.
+    - ``xla_blocks``: XLA by blocks of ``CAUSAL_BLOCK`` queries (``causal_blocked_attention``):
+      causal attention where XLA computes it on a CPU, with at least two whole blocks.
+    - ``xla``: XLA's dense computation under the boolean mask.
+
+    ``backend``: the platform deciding ``auto`` (default: JAX's default backend, with
+    ``gpu`` meaning CUDA)."""
+    if backend is None:
+        backend = "gpu" if _on_cuda() else jax.default_backend()
+    if cfg.attention == "cudnn":
+        return "cudnn"
+    if cfg.attention == "auto" and backend == "gpu":
+        fits = cfg.head_size % 8 == 0 and cfg.head_size <= 128
+        if cfg.dtype in ("bfloat16", "float16") and fits and not has_bias:
+            return "cudnn"
+    on_cpu_xla = cfg.attention == "xla" or (cfg.attention == "auto" and backend == "cpu")
+    if causal and on_cpu_xla and seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK:
+        return "xla_blocks"
+    return "xla"
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's description of packed rows: (lengths [batch, M], offsets [batch, M + 1]) of
+    each run of equal segment ids in ``segment_ids`` [batch, seq], in order, with -1 past a
+    row's last run. A row's padding (segment 0, at its end) is a run of its own: padding
+    attends padding, as under ``attention_mask``, so every output is defined. ``M``
+    (``max_segments``, default ``seq``) bounds the runs of a row; a row with more than
+    ``M`` runs has its last ones left out, so the default never loses one."""
+    batch, seq_len = segment_ids.shape
+    m = seq_len if max_segments is None else min(max_segments, seq_len)
+    starts = jnp.concatenate([jnp.ones((batch, 1), jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    runs = jnp.sum(starts, axis=1, keepdims=True)
+    position = jnp.arange(seq_len, dtype=jnp.int32)
+    first = jnp.sort(jnp.where(starts, position, seq_len), axis=1)[:, :m]  # run starts, then seq_len
+    ends = jnp.concatenate([first[:, 1:], jnp.full((batch, 1), seq_len, jnp.int32)], axis=1)
+    used = jnp.arange(m)[None, :] < runs
+    lengths = jnp.where(used, ends - first, -1).astype(jnp.int32)
+    offsets = jnp.concatenate([jnp.where(used, first, -1), jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    return lengths, offsets.astype(jnp.int32)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, causal: bool,
+                    scale: float, bias: jax.Array | None = None, mask: jax.Array | None = None,
+                    max_segments: int | None = None) -> jax.Array:
+    """cuDNN's fused attention of ``q`` [batch, q_len, heads, head_dim] over ``k``/``v``.
+
+    Self-attention of packed rows (``segment_ids`` [batch, seq], no ``bias``) goes to cuDNN
+    as its packed layout (``packed_segments``) under a padding mask type, causal or not,
+    so masked blocks are skipped rather than computed and biased away. cuDNN's packed
+    kernels cost in proportion to the runs they are given room for (``max_segments``, at
+    most ``PACKED_SEGMENTS`` by default): a batch with a row of more runs than that goes
+    the masked way below instead (chosen on the device, each step). Otherwise ``mask``
+    (None: none beyond ``causal``) and ``bias`` go through ``jax.nn.dot_product_attention``
+    with ``is_causal``: cuDNN adds the mask to the logits as a bias."""
+    if segment_ids is not None and bias is None:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn  # packing is not in jax.nn's API
+
+        m = PACKED_SEGMENTS if max_segments is None else max_segments
+        mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+
+        def packed(q, k, v):
+            lengths, offsets = packed_segments(segment_ids, m)
+            return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                               kv_offsets=offsets, scale=scale, mask_type=mask_type,
+                                               qkv_layout="BTNH")
+
+        def masked(q, k, v):
+            dense = attention_mask(segment_ids, segment_ids.shape[1], causal=causal)
+            return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, is_causal=causal,
+                                                implementation="cudnn")
+
+        if max_segments is not None and max_segments >= segment_ids.shape[1]:
+            return packed(q, k, v)
+        starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+        fits = jnp.max(jnp.sum(starts, axis=1)) + 1 <= m
+        return jax.lax.cond(fits, packed, masked, q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
 
 
 def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
@@ -111,7 +202,9 @@ class Attention(nn.Module):
     read back when ``kv`` is None.
 
     ``bias`` [batch or 1, heads, q_len, kv_len] is added to the attention logits (T5's
-    relative positions). With ``model.position = relative`` the logits are not scaled by
+    relative positions). ``segments`` [batch, seq]: the segment ids ``mask`` was made of
+    (self-attention without a cache), for kernels that take packed rows as such
+    (``self_attention_kernel``). With ``model.position = relative`` the logits are not scaled by
     1/sqrt(head_dim), as T5; the query's init is scaled instead, so a fresh model starts
     as one with scaled logits would.
     """
@@ -119,12 +212,12 @@ class Attention(nn.Module):
     cfg: ModelConfig
     window: int | None = None  # cache slots attended (default: all)
     cross: bool = False  # keys and values from ``kv``, not ``x``
-    causal: bool = False  # the mask is causal (with segments): XLA may skip the blocks it hides
+    causal: bool = False  # the mask is causal (with segments): the kernel may skip the blocks it hides
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, cache: dict | None = None,
                  layer=None, rows: jax.Array | None = None, kv: jax.Array | None = None,
-                 bias: jax.Array | None = None):
+                 bias: jax.Array | None = None, segments: jax.Array | None = None):
         cfg = self.cfg
         if self.cross and kv is None and cache is None:
             raise ValueError("cross-attention needs the encoder's states, or a cache holding their keys and values")
@@ -161,11 +254,20 @@ class Attention(nn.Module):
             k, v = (constrain(read_cache(cache[n], layer, rows, window).astype(q.dtype),
                               ("batch", "length", "act_kv_heads", "head_dim")) for n in "kv")
         bias = None if bias is None else bias.astype(q.dtype)
-        if self.causal and cache is None and not self.cross and _blocks_causally(cfg, q.shape[1]):
+        kernel = "xla"  # decoding with a cache reads a few queries against the cache: XLA
+        if cache is None and not self.cross:
+            kernel = self_attention_kernel(cfg, q.shape[1], bias is not None, self.causal)
+        elif cache is None and cfg.attention == "cudnn":
+            kernel = "cudnn"
+        if kernel == "cudnn":
+            given = mask if self.cross or segments is not None else None  # else only causal, or nothing
+            out = cudnn_attention(q, k, v, None if self.cross else segments, self.causal and not self.cross,
+                                  1.0 if t5 else head_dim**-0.5, bias, given)
+        elif kernel == "xla_blocks":
             out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None)
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0 if t5 else None,
-                                               implementation=None if cfg.attention == "auto" else cfg.attention)
+                                               implementation="xla")
         out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
         out = dense(
             cfg,

@@ -62,7 +62,7 @@ class DecoderLM(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         if cache is None:
             mask = attention_mask(segment_ids, seq_len, causal=True)
-            x = BlockStack(cfg, deterministic, causal=True, name="blocks")(x, positions, mask)
+            x = BlockStack(cfg, deterministic, causal=True, name="blocks")(x, positions, mask, segments=segment_ids)
         else:
             mask = cache_mask(positions, window or cache["k"].shape[2])
             x, cache = BlockStack(cfg, deterministic, window, name="blocks")(x, positions, mask, cache, rows)

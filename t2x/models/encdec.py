@@ -48,7 +48,7 @@ class Encoder(nn.Module):
         bias = None
         if cfg.position == "relative":
             bias = RelativePositionBias(cfg, bidirectional=True, name="relative_bias")(positions, positions)
-        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask, bias=bias)
+        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask, bias=bias, segments=segment_ids)
         if cfg.norm_position == "pre":  # post-norm blocks end normed
             x = dropout(norm(cfg, "final_norm")(x))
         return x
@@ -83,7 +83,7 @@ class Decoder(nn.Module):
         if cfg.position == "relative":
             bias = RelativePositionBias(cfg, bidirectional=False, name="relative_bias")(positions, key_positions)
         out = BlockStack(cfg, deterministic, window, cfg.decoder_layers, cross=True, causal=True, name="blocks")(
-            x, positions, mask, cache, rows, encoded, cross_mask, bias)
+            x, positions, mask, cache, rows, encoded, cross_mask, bias, None if cache is not None else segment_ids)
         x, cache = (out, None) if cache is None else out
         if cfg.norm_position == "pre":
             x = dropout(norm(cfg, "final_norm")(x))

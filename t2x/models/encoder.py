@@ -61,7 +61,7 @@ class EncoderMLM(nn.Module):
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, seq, d_model]
         mask = attention_mask(segment_ids, seq_len, causal=False)
-        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask)
+        x = BlockStack(cfg, deterministic, name="blocks")(x, positions, mask, segments=segment_ids)
         if cfg.norm_position == "pre":
             x = norm(cfg, "final_norm")(x)
         if hidden:

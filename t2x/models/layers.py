@@ -34,6 +34,36 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _float32_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _float32_dot_fwd(lhs, rhs, dimension_numbers):
+    return _float32_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _float32_dot_bwd(dimension_numbers, residuals, g):
+    lhs, rhs = residuals
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers), lhs, rhs)
+    return vjp(g.astype(jnp.result_type(lhs, rhs)))
+
+
+_float32_dot.defvjp(_float32_dot_fwd, _float32_dot_bwd)
+
+
+def float32_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+    """``lax.dot_general`` of compute-dtype operands, accumulated in and returned as float32,
+    whose gradients are products in the operands' dtype: the float32 cotangent is rounded
+    to it first (bfloat16 under ``model.dtype=bfloat16``, as every other matmul's backward).
+    Left to JAX, the float32 cotangent would upcast the other operand and run the two
+    backward products of the vocabulary projection, the largest matmuls of a small model,
+    at float32 speed. With float32 operands it is exactly ``lax.dot_general``."""
+    del precision, preferred_element_type  # always the default precision, always float32 out
+    return _float32_dot(lhs, rhs, dimension_numbers)
+
+
 def dense(
     cfg: ModelConfig,
     features: int | Sequence[int],
@@ -68,9 +98,7 @@ def dense(
             nn.initializers.normal(cfg.init_std if std is None else std), tuple(kernel_axes)
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(kernel_axes[-num_out:])),
-        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-        if accumulate_float32
-        else None,
+        dot_general=float32_dot_general if accumulate_float32 else None,
         name=name,
     )
 
@@ -143,11 +171,12 @@ def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
     embedding table (tied) or an ``lm_head`` of the calling module.
 
     The projection multiplies compute-dtype operands but accumulates and returns float32:
-    logits are never rounded to bfloat16 before the softmax.
+    logits are never rounded to bfloat16 before the softmax; its backward products run in
+    the compute dtype (``float32_dot_general``).
     """
     if cfg.tie_embeddings:
         table = embed.embedding.astype(x.dtype)  # [vocab, d_model]
-        logits = jnp.einsum("bsd,vd->bsv", x, table, preferred_element_type=jnp.float32)
+        logits = float32_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))  # [batch, seq, vocab]
     else:
         logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True,
                        name="lm_head")(x)

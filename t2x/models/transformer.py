@@ -42,7 +42,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions: jax.Array, mask: jax.Array, layer=None, rows: jax.Array | None = None,
                  cache: dict | None = None, encoded: jax.Array | None = None, cross_mask: jax.Array | None = None,
-                 bias: jax.Array | None = None):
+                 bias: jax.Array | None = None, segments: jax.Array | None = None):
         cfg = self.cfg
         if self.scanned and isinstance(x, tuple):
             x, cache = x
@@ -55,7 +55,7 @@ class Block(nn.Module):
 
         attn_norm = norm(cfg, "attn_norm")
         h = Attention(cfg, self.window, causal=self.causal, name="attn")(x if post else attn_norm(x), positions, mask, cache, layer, rows,
-                                                     None, bias)
+                                                     None, bias, segments)
         if cache is not None:
             h, cache = h
         x = residual(x, h, attn_norm)
@@ -93,7 +93,8 @@ class BlockStack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: dict | None = None,
                  rows: jax.Array | None = None, encoded: jax.Array | None = None,
-                 cross_mask: jax.Array | None = None, bias: jax.Array | None = None):
+                 cross_mask: jax.Array | None = None, bias: jax.Array | None = None,
+                 segments: jax.Array | None = None):
         cfg = self.cfg
         num_layers = self.num_layers or cfg.num_layers
         block = Block
@@ -105,7 +106,7 @@ class BlockStack(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                         nn.broadcast),
+                         nn.broadcast, nn.broadcast),
                 length=num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
@@ -113,12 +114,12 @@ class BlockStack(nn.Module):
             carry = x if cache is None else (x, cache)
             out, _ = stack(cfg, self.deterministic, scanned=True, window=self.window, cross=self.cross,
                            causal=self.causal, name=STACKED_LAYERS)(carry, positions, mask, layer_ids, rows, None, encoded, cross_mask,
-                                                bias)
+                                                bias, segments)
             return out
         for i in range(num_layers):
             out = block(cfg, self.deterministic, window=self.window, cross=self.cross, causal=self.causal,
                         name=f"layers_{i}")(
-                x, positions, mask, i, rows, cache, encoded, cross_mask, bias
+                x, positions, mask, i, rows, cache, encoded, cross_mask, bias, segments
             )
             x, cache = (out, None) if cache is None else out
         return x if cache is None else (x, cache)

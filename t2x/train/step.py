@@ -86,7 +86,7 @@ def make_train_step(
     def step(state: TrainState, batch: Batch):
         example = objective(batch, data_key(cfg.train.seed, state.step))
         total_weight = jnp.maximum(jnp.sum(example["weights"]), 1.0)
-        rng = jax.random.fold_in(jax.random.key(cfg.train.seed), state.step)
+        rng = jax.random.fold_in(jax.random.key(cfg.train.seed, impl=cfg.train.dropout_rng), state.step)
         for head in example.get("heads", {}).values():  # whole-batch weights, before micro-batching
             head["total"] = jnp.sum(head["weights"])
         if k == 1:

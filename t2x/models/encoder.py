@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask
-from t2x.models.layers import constrain, dense, embedding, input_embeddings, norm, output_logits
+from t2x.models.layers import constrain, dense, embedding, input_embeddings, logical, norm, output_logits
 from t2x.models.transformer import BlockStack
 
 
@@ -69,7 +69,7 @@ class EncoderMLM(nn.Module):
         h = dense(cfg, cfg.d_model, ("embed", "embed_out"), name="mlm_dense")(x)
         h = norm(cfg, "mlm_norm")(nn.gelu(h, approximate=cfg.mlp == "gelu"))
         logits = output_logits(cfg, h, embed)
-        bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+        bias = self.param("mlm_bias", logical(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), jnp.float32)
         if not self.next_sentence:
             return logits + bias

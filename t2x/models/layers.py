@@ -1,6 +1,6 @@
 """Building blocks shared by every model family: dense, norm, MLP, rotary positions.
 
-Every parameter carries logical axis names (``nn.with_logical_partitioning``), which
+Every parameter carries logical axis names (``logical``), which
 ``t2x.parallel.sharding.LOGICAL_RULES`` maps onto the device mesh.
 """
 
@@ -22,6 +22,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """Dtype of activations and matmuls; parameters are always float32."""
     return DTYPES[cfg.dtype]
+
+
+def logical(init, axes: Sequence[str | None]):
+    """``init`` boxed with the parameter's logical axis names (mapped onto the mesh by
+    ``LOGICAL_RULES``). The box applies no sharding constraint when unboxed: parameters
+    enter the jitted step with their shardings, and Flax unboxes a multi-dimensional
+    ``DenseGeneral`` kernel while it still has its flattened shape, which a constraint
+    with the kernel's names would not fit."""
+    return nn.with_logical_partitioning(init, tuple(axes), rules=())
 
 
 def residual_init_std(cfg: ModelConfig) -> float:
@@ -64,6 +73,25 @@ def float32_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
     return _float32_dot(lhs, rhs, dimension_numbers)
 
 
+def gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """A parameter ``x`` with logical axes ``axes`` constrained, where it is used, to the
+    sharding it has without its ``embed`` split (the ``fsdp`` mesh axis): XLA gathers the
+    parameter (in the compute dtype, when cast first) before the product and
+    reduce-scatters its gradient after, as FSDP means to. Left free, XLA may instead move
+    the activations, which are larger."""
+    return constrain(x, tuple(None if a == "embed" else a for a in axes))
+
+
+def _kernel_dot(kernel_axes: tuple, accumulate_float32: bool, lhs, rhs, dimension_numbers, precision=None,
+                preferred_element_type=None):
+    """DenseGeneral's product, its kernel (``rhs``) gathered over ``fsdp`` first."""
+    rhs = gathered(rhs, kernel_axes)
+    if accumulate_float32:
+        return float32_dot_general(lhs, rhs, dimension_numbers)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
 def dense(
     cfg: ModelConfig,
     features: int | Sequence[int],
@@ -94,18 +122,16 @@ def dense(
         use_bias=cfg.use_bias if use_bias is None else use_bias,
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.init_std if std is None else std), tuple(kernel_axes)
-        ),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, tuple(kernel_axes[-num_out:])),
-        dot_general=float32_dot_general if accumulate_float32 else None,
+        kernel_init=logical(nn.initializers.normal(cfg.init_std if std is None else std), kernel_axes),
+        bias_init=logical(nn.initializers.zeros, kernel_axes[-num_out:]),
+        dot_general=functools.partial(_kernel_dot, tuple(kernel_axes), accumulate_float32),
         name=name,
     )
 
 
 def norm(cfg: ModelConfig, name: str) -> nn.Module:
     """LayerNorm or RMSNorm by config; statistics are computed in float32."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    scale_init = logical(nn.initializers.ones, ("norm",))
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(
             epsilon=cfg.norm_eps, dtype=compute_dtype(cfg), param_dtype=jnp.float32, scale_init=scale_init, name=name
@@ -116,7 +142,7 @@ def norm(cfg: ModelConfig, name: str) -> nn.Module:
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
         scale_init=scale_init,
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        bias_init=logical(nn.initializers.zeros, ("norm",)),
         name=name,
     )
 
@@ -148,7 +174,7 @@ def embedding(cfg: ModelConfig, num: int, axes: tuple[str, str], name: str) -> n
     return nn.Embed(
         num,
         cfg.d_model,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes),
+        embedding_init=logical(nn.initializers.normal(cfg.init_std), axes),
         dtype=compute_dtype(cfg),
         param_dtype=jnp.float32,
         name=name,
@@ -175,7 +201,7 @@ def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
     the compute dtype (``float32_dot_general``).
     """
     if cfg.tie_embeddings:
-        table = embed.embedding.astype(x.dtype)  # [vocab, d_model]
+        table = gathered(embed.embedding.astype(x.dtype), ("vocab", "embed"))  # [vocab, d_model]
         logits = float32_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))  # [batch, seq, vocab]
     else:
         logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True,

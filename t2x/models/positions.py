@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from t2x.config import ModelConfig
+from t2x.models.layers import logical
 
 
 def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
@@ -58,7 +59,7 @@ class RelativePositionBias(nn.Module):
         cfg = self.cfg
         table = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("relative_buckets", "heads")),
+            logical(nn.initializers.normal(cfg.init_std), ("relative_buckets", "heads")),
             (cfg.relative_buckets, cfg.num_heads),
             jnp.float32,
         )

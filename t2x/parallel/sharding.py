@@ -44,9 +44,22 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules=LOGICAL_RULES):
-    """Mesh and logical rules active while tracing model code, so constraints apply."""
-    with mesh, nn.logical_axis_rules(rules):
-        yield
+    """Mesh and logical rules active while tracing model code, so constraints apply.
+
+    Flax applies its logical constraints only where JAX reports an abstract mesh in
+    context, which ``with mesh:`` alone no longer sets (every constraint would silently
+    be dropped): the abstract mesh is set too. The concrete mesh is not set with
+    ``jax.set_mesh``, which would also make every jitted computation in the context
+    (checksums of single-device arrays, say) refuse arrays placed off the mesh."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*context manager has been deprecated", category=DeprecationWarning)
+        # An enclosing context's mesh (a run sampling on one device at its end) is left
+        # first: JAX will not swap one abstract mesh for another of a different size.
+        with (mesh, jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())),
+              jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules)):
+            yield
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

@@ -52,3 +52,8 @@ def test_bad_tokenizer_specs_are_reported(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="holds neither"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_a_builtin_tokenizer_larger_than_the_corpus_allows_names_data_tokenizer():
+    with pytest.raises(TokenizerError, match=r"data\.tokenizer=builtin:60000: the built-in corpus cannot give"):
+        load_tokenizer("builtin:60000")

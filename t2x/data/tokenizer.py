@@ -433,7 +433,13 @@ def builtin_tokenizer_path(vocab_size: int) -> str:
     if not os.path.exists(path):
         from t2x.data.sources import read_texts  # tf.data: only to train it
 
-        train_tokenizer(read_texts([corpus.split_file("train")]), vocab_size, str(prefix))
+        try:
+            train_tokenizer(read_texts([corpus.split_file("train")]), vocab_size, str(prefix))
+        except TokenizerError as e:
+            raise TokenizerError(
+                f"data.tokenizer=builtin:{vocab_size}: the built-in corpus cannot give that many pieces ({e}). "
+                "Give data.tokenizer a smaller builtin:N (builtin:4096, say) or the path of a tokenizer trained "
+                "on your data (`t2x tokenizer train`)") from None
     return path
 
 

@@ -98,7 +98,8 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     so masked blocks are skipped rather than computed and biased away. cuDNN's packed
     kernels cost in proportion to the runs they are given room for (``max_segments``, at
     most ``PACKED_SEGMENTS`` by default): a batch with a row of more runs than that goes
-    the masked way below instead (chosen on the device, each step). Otherwise ``mask``
+    the masked way instead (chosen on the device, each step), under ``mask`` when given
+    (the segments' own, made once by the caller) or one made here. Otherwise ``mask``
     (None: none beyond ``causal``) and ``bias`` go through ``jax.nn.dot_product_attention``
     with ``is_causal``: cuDNN adds the mask to the logits as a bias."""
     if segment_ids is not None and bias is None:
@@ -114,12 +115,10 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                                                qkv_layout="BTNH")
 
         def masked(q, k, v):
-            dense = attention_mask(segment_ids, segment_ids.shape[1], causal=causal)
+            dense = attention_mask(segment_ids, segment_ids.shape[1], causal=causal) if mask is None else mask
             return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, is_causal=causal,
                                                 implementation="cudnn")
 
-        if max_segments is not None and max_segments >= segment_ids.shape[1]:
-            return packed(q, k, v)
         starts = segment_ids[:, 1:] != segment_ids[:, :-1]
         fits = jnp.max(jnp.sum(starts, axis=1)) + 1 <= m
         return jax.lax.cond(fits, packed, masked, q, k, v)

@@ -226,7 +226,7 @@ def predicted_payloads(params: dict, specs: dict, mesh_shape: dict[str, int], cf
             out[kind][axes] = out[kind].get(axes, 0.0) + nbytes
 
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: x is None or type(x).__name__ == "PartitionSpec")
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec))
     for (path, leaf), spec in zip(flat, flat_specs):
         size = int(np.prod(leaf.shape)) * grad_bytes
         split = _shards(spec or (), mesh_shape)

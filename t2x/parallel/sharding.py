@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -51,8 +52,6 @@ def sharding_context(mesh: Mesh, rules=LOGICAL_RULES):
     be dropped): the abstract mesh is set too. The concrete mesh is not set with
     ``jax.set_mesh``, which would also make every jitted computation in the context
     (checksums of single-device arrays, say) refuse arrays placed off the mesh."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*context manager has been deprecated", category=DeprecationWarning)
         # An enclosing context's mesh (a run sampling on one device at its end) is left

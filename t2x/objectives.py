@@ -12,7 +12,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from t2x.config import ObjectiveConfig
 
@@ -42,11 +41,36 @@ def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and log-partition, both float32 [batch, seq]."""
-    logits = logits.astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    """Per-token negative log-likelihood and log-partition, both float32 [batch, seq].
+
+    Its gradient is written out, ``softmax * (g_nll + g_log_z) - one_hot(target) * g_nll``,
+    one elementwise pass over the logits: differentiating the target's gather instead
+    scatters into a zeroed [batch, seq, vocab] array, which serializes on a GPU."""
+    return _token_losses(logits.astype(jnp.float32), targets)
+
+
+@jax.custom_vjp
+def _token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    return nll, log_z
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_z - picked, log_z
+
+
+def _token_losses_forward(logits, targets):
+    nll, log_z = _token_losses(logits, targets)
+    return (nll, log_z), (logits, targets, log_z)
+
+
+def _token_losses_backward(residuals, cotangents):
+    logits, targets, log_z = residuals
+    g_nll, g_log_z = cotangents
+    probs = jnp.exp(logits - log_z[..., None])
+    is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
+    d_logits = probs * (g_nll + g_log_z)[..., None] - jnp.where(is_target, g_nll[..., None], 0.0)
+    return d_logits, None
+
+
+_token_losses.defvjp(_token_losses_forward, _token_losses_backward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The model against the float64 NumPy reference, across every architecture option."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -346,3 +347,23 @@ def test_a_bfloat16_models_vocabulary_projection_multiplies_bfloat16_both_ways(t
 
     dtypes = _dot_input_dtypes(jax.grad(loss), params, vocab=cfg.vocab_size)
     assert len(dtypes) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_small_tables_are_looked_up_by_one_hot_products_exactly_and_without_a_scatter(dtype):
+    from t2x.models.layers import OneHotEmbed
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=(4, 9)))
+    gather, one_hot = nn.Embed(3, 8, dtype=dtype), OneHotEmbed(3, 8, dtype=dtype)
+    params = gather.init(jax.random.key(0), ids)
+    assert jax.tree.map(jnp.shape, one_hot.init(jax.random.key(0), ids)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(one_hot.apply(params, ids), gather.apply(params, ids))  # exact, in either dtype
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(4, 9, 8)), dtype)
+
+    def table_grad(module):
+        return jax.grad(lambda p: jnp.sum((module.apply(p, ids) * cotangent).astype(jnp.float32)))(params)
+
+    np.testing.assert_allclose(table_grad(one_hot)["params"]["embedding"], table_grad(gather)["params"]["embedding"],
+                               rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 0.1)
+    hlo = jax.jit(lambda: table_grad(one_hot)).lower().compile().as_text()
+    assert not re.search(r"\bscatter\(", hlo)

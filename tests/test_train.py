@@ -1,6 +1,7 @@
 """Training through the real entry point: mesh equivalence, exact resume, accumulation, NaNs."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from conftest import restored, tiny_config
 from t2x.checkpoint import CheckpointError, Checkpointer
 from t2x.components import build
 from t2x.families import family
-from t2x.objectives import causal_lm
+from t2x.objectives import causal_lm, token_losses
 from t2x.parallel import sharding_context
 from t2x.train.loop import NonFiniteError, train
 from t2x.train.metrics import to_json
@@ -105,6 +106,32 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, optimizer):
     for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     assert int(accumulated.step) == 1
+
+
+def test_token_losses_and_their_written_out_gradient_match_float64_and_scatter_nothing():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 37)) * 4
+    targets = rng.integers(0, 37, size=(3, 5))
+    g_nll, g_log_z = rng.normal(size=(2, 3, 5))
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    probs = np.exp(logits - log_z[..., None])
+    expected = probs * (g_nll + g_log_z)[..., None] - np.eye(37)[targets] * g_nll[..., None]
+
+    def pulled(x):
+        out, vjp = jax.vjp(lambda x: token_losses(x, jnp.asarray(targets)), x)
+        return out, vjp((jnp.asarray(g_nll, jnp.float32), jnp.asarray(g_log_z, jnp.float32)))[0]
+
+    (got_nll, got_log_z), grad = pulled(jnp.asarray(logits, jnp.float32))
+    np.testing.assert_allclose(got_nll, nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_log_z, log_z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    # bfloat16 logits: computed in float32, the gradient returned in bfloat16
+    (_, _), grad16 = pulled(jnp.asarray(logits, jnp.bfloat16))
+    assert grad16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grad16, np.float32), expected, atol=0.05)
+    hlo = jax.jit(lambda x: pulled(x)[1]).lower(jnp.asarray(logits, jnp.float32)).compile().as_text()
+    assert not re.search(r"\bscatter\(", hlo)  # the target's gradient is a select in the softmax's pass, not a scatter-add
 
 
 def test_z_loss_metric_and_gradient_match_a_float64_reference(tmp_path):

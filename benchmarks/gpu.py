@@ -58,6 +58,9 @@ BENCHES = {
                                              "train.dropout_rng=rbg"]),
     "t5_base_b64_rbg": ("t5_base.yaml", ["train.global_batch_size=64", "model.remat=none", "train.dropout_rng=rbg"]),
     "gpt2_xl_b24": ("gpt2_xl.yaml", ["train.global_batch_size=24"]),
+    "gpt2_xl_b32": ("gpt2_xl.yaml", ["train.global_batch_size=32"]),
+    "gpt2_xl_b8_s2048": ("gpt2_xl.yaml", ["train.global_batch_size=8", "data.seq_len=2048",
+                                          "model.max_seq_len=2048"]),
 }
 
 

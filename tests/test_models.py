@@ -351,10 +351,10 @@ def test_a_bfloat16_models_vocabulary_projection_multiplies_bfloat16_both_ways(t
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_small_tables_are_looked_up_by_one_hot_products_exactly_and_without_a_scatter(dtype):
-    from t2x.models.layers import OneHotEmbed
+    from t2x.models.layers import Embed
 
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=(4, 9)))
-    gather, one_hot = nn.Embed(3, 8, dtype=dtype), OneHotEmbed(3, 8, dtype=dtype)
+    gather, one_hot = nn.Embed(3, 8, dtype=dtype), Embed(3, 8, dtype=dtype)
     params = gather.init(jax.random.key(0), ids)
     assert jax.tree.map(jnp.shape, one_hot.init(jax.random.key(0), ids)) == jax.tree.map(jnp.shape, params)
     np.testing.assert_array_equal(one_hot.apply(params, ids), gather.apply(params, ids))  # exact, in either dtype
@@ -367,3 +367,37 @@ def test_small_tables_are_looked_up_by_one_hot_products_exactly_and_without_a_sc
                                rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5 if dtype == jnp.float32 else 0.1)
     hlo = jax.jit(lambda: table_grad(one_hot)).lower().compile().as_text()
     assert not re.search(r"\bscatter\(", hlo)
+
+
+def test_rows_taken_with_sorted_gradients_equal_a_gathers_gradients():
+    from t2x.models.layers import take_rows
+
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(50, 6)), jnp.float32)
+    ids = jnp.asarray(np.where(rng.random((7, 40)) < 0.4, 3, rng.integers(0, 50, size=(7, 40))))  # one id 40%+
+    cotangent = jnp.asarray(rng.normal(size=(7, 40, 6)), jnp.float32)
+    np.testing.assert_array_equal(take_rows(table, ids, 50), jnp.take(table, ids, axis=0))
+    sorted_grad = jax.jit(jax.grad(lambda t: jnp.sum(take_rows(t, ids, 50) * cotangent)))(table)
+    expected = np.zeros((50, 6))
+    np.add.at(expected, np.asarray(ids).reshape(-1), np.asarray(cotangent, np.float64).reshape(-1, 6))
+    np.testing.assert_allclose(sorted_grad, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(sorted_grad)[np.setdiff1d(np.arange(50), np.asarray(ids))] == 0)  # rows never taken
+
+
+def test_a_decoder_with_sorted_embedding_gradients_gets_the_gathers_gradients(monkeypatch):
+    from t2x.models import layers
+
+    cfg = dataclasses.replace(BASE, max_seq_len=32)  # more than ONE_HOT_ROWS positions: both tables gathered
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(1), seq=32, vocab=5)  # few ids: long runs
+    model, params = init_params(cfg, tokens)
+
+    def grads():
+        loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, positions, segment_ids) ** 2)
+        return jax.grad(loss)(params)
+
+    by_scatter = grads()
+    monkeypatch.setattr(layers, "row_gradients_by_sorting", lambda: True)
+    by_sorting = grads()
+    assert jax.tree.structure(by_scatter) == jax.tree.structure(by_sorting)
+    for a, b in zip(jax.tree.leaves(by_scatter), jax.tree.leaves(by_sorting)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)

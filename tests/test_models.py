@@ -382,6 +382,15 @@ def test_rows_taken_with_sorted_gradients_equal_a_gathers_gradients():
     np.add.at(expected, np.asarray(ids).reshape(-1), np.asarray(cotangent, np.float64).reshape(-1, 6))
     np.testing.assert_allclose(sorted_grad, expected, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(sorted_grad)[np.setdiff1d(np.arange(50), np.asarray(ids))] == 0)  # rows never taken
+    # batch rows split over devices: the same gradient, and no device gathers another's rows to sort them
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    by_batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    ids8, cotangent8 = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([cotangent, cotangent[:1]])
+    grad_of = jax.jit(jax.grad(lambda t, i, c: jnp.sum(take_rows(t, i, 50) * c)))
+    sharded = grad_of(table, jax.device_put(ids8, by_batch), jax.device_put(cotangent8, by_batch))
+    np.testing.assert_allclose(sharded, grad_of(table, ids8, cotangent8), rtol=1e-5, atol=1e-5)
+    hlo = grad_of.lower(table, jax.device_put(ids8, by_batch), jax.device_put(cotangent8, by_batch)).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
 
 
 def test_a_decoder_with_sorted_embedding_gradients_gets_the_gathers_gradients(monkeypatch):

@@ -30,7 +30,6 @@ TINY = [
     "model.num_heads=4",
     "model.d_ff=64",
     "model.max_seq_len=32",
-    "model.scan_layers=true",  # the framework's default, whatever the quickstart prefers
     "data.tokenizer=builtin:512",
     "data.seq_len=32",
     "data.block_docs=16",

@@ -41,7 +41,7 @@ def test_collectives_are_read_with_their_bytes_groups_and_loop_trips():
 
 
 def measured(*mesh):
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [*mesh, "data.num_shards=8", "model.scan_layers=true"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*mesh, "data.num_shards=8"])
     b = StepBench(cfg, batches=1)
     by: dict[tuple[str, int], int] = {}
     for c in collectives(b.compiled.as_text()):

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,14 +152,28 @@ def measure(m: Measurement, tmp: str) -> dict:
     return {"name": m.name, "what": m.what, "command": shlex.join(m.command), "env": m.env, **record}
 
 
-def measure_lever(name: str) -> dict:
+def measure_lever(name: str, rounds: int) -> dict:
+    """``rounds`` alternating processes of the step before and after the lever: this
+    machine's speed wanders between minutes, so one of each would compare moments."""
     what, before, after, env = LEVERS[name]
-    first = run([*BENCH, *before])
-    second = run([*BENCH, *after], env)
-    return {"name": f"lever:{name}", "what": what, "before_command": shlex.join([*BENCH, *before]),
+    firsts, seconds = [], []
+    for _ in range(rounds):
+        firsts.append(run([*BENCH, *before]))
+        seconds.append(run([*BENCH, *after], env))
+
+    def summary(records):
+        outs = [(r["outputs"] or [{}])[-1] for r in records]
+        steps = [o["step_seconds_median"] for o in outs if "step_seconds_median" in o]
+        compiles = [o["compile_seconds"] for o in outs if "compile_seconds" in o]
+        return {"step_seconds_median": statistics.median(steps) if steps else None, "step_seconds_each": steps,
+                "compile_seconds": min(compiles) if compiles else None}
+
+    return {"name": f"lever:{name}", "what": what, "rounds": rounds,
+            "before_command": shlex.join([*BENCH, *before]),
             "after_command": " ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join([*BENCH, *after])]),
-            "before": (first["outputs"] or [{}])[-1], "after": (second["outputs"] or [{}])[-1],
-            "returncode": first["returncode"] or second["returncode"]}
+            "change": " ".join([*(f"{k}={v}" for k, v in env.items()), *after]),
+            "before": summary(firsts), "after": summary(seconds),
+            "returncode": max(r["returncode"] for r in firsts + seconds)}
 
 
 def _get(d: dict, key: str):
@@ -203,14 +218,15 @@ def render(records: list[dict]) -> str:
         lines += [""]
     levers = [r for r in records if str(r.get("name", "")).startswith("lever:")]
     if levers:
-        lines += ["**levers**: `t2x bench` of the peers' small shape (float32, remat none, scanned, 10 steps), "
-                  "each lever's before and after in the same run:", "",
-                  "| lever | after (command) | step before (s) | step after (s) | after / before | compile before, after (s) |",
+        lines += [f"**levers**: `t2x bench` of the peers' small shape (float32, remat none, scanned, 10 steps), "
+                  f"before and after each lever in {levers[0].get('rounds', 1)} alternating rounds of a process "
+                  "each; the median of each side's median steps (every round's in the raw output):", "",
+                  "| lever | change | step before (s) | step after (s) | after / before | compile before, after (s) |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for r in levers:
             b, a = r["before"].get("step_seconds_median"), r["after"].get("step_seconds_median")
             ratio = f"{a / b:.3f}" if a and b else ""
-            lines.append(f"| {r['what']} | `{r['after_command']}` | {_fmt(b)} | {_fmt(a)} | {ratio} | "
+            lines.append(f"| {r['what']} | `{r.get('change', r['after_command'])}` | {_fmt(b)} | {_fmt(a)} | {ratio} | "
                          f"{_fmt(r['before'].get('compile_seconds'))}, {_fmt(r['after'].get('compile_seconds'))} |")
         lines += ["", f"Before, every lever: `{levers[0]['before_command']}`.", ""]
     lines.append(END)
@@ -231,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=names, help="measurements to run (default: all)")
     parser.add_argument("--levers", nargs="*", choices=list(LEVERS), default=list(LEVERS))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each lever's before and after")
     parser.add_argument("--render", metavar="FILE.jsonl", help="rewrite the page from a saved run; run nothing")
     parser.add_argument("--out", help="results file (default: benchmarks/results/cpu-DATE.jsonl)")
     parser.add_argument("--no-page", action="store_true", help="record the results, leave the page as it is")
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         if "levers" in chosen:
             for name in args.levers:
                 print(f"lever {name}", flush=True)
-                records.append(measure_lever(name))
+                records.append(measure_lever(name, args.rounds))
                 f.write(json.dumps(records[-1]) + "\n")
                 f.flush()
     print(f"results: {out}")

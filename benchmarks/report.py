@@ -8,7 +8,7 @@ date, the machine (CPU, cores, library versions, XLA's and PyTorch's float32
 matrix-multiply peaks), then for each measurement its exact command and the figures it
 printed, and for each lever its before and after, measured in the same run.
 
-    python benchmarks/report.py                      # everything: about an hour on 2 cores
+    python benchmarks/report.py                      # everything: about 90 minutes on 2 cores
     python benchmarks/report.py --only compressor quickstart levers
     python benchmarks/report.py --render FILE.jsonl  # rewrite the page from a saved run
 

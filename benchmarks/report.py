@@ -32,14 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from peers import SHAPES as PEER_SHAPES  # this folder, on the path of a script run from it
+
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "performance.md"
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
 # The peers' ``small`` shape on the built-in corpus, as a t2x config's overrides.
-SMALL = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536", "model.vocab_size=8192",
-         "model.max_seq_len=256", "data.seq_len=256", "train.global_batch_size=8", "data.tokenizer=builtin:4096",
-         "mesh.data=1", "data.num_shards=1", "model.dtype=float32"]
+SMALL = [*PEER_SHAPES["small"], "mesh.data=1", "data.num_shards=1", "model.dtype=float32"]
 BENCH = ["t2x", "bench", "configs/tiny.yaml", *SMALL, "model.remat=none", "model.scan_layers=true", "--steps", "10"]
 
 
@@ -170,7 +170,6 @@ def measure_lever(name: str, rounds: int) -> dict:
 
     return {"name": f"lever:{name}", "what": what, "rounds": rounds,
             "before_command": shlex.join([*BENCH, *before]),
-            "after_command": " ".join([*(f"{k}={v}" for k, v in env.items()), shlex.join([*BENCH, *after])]),
             "change": " ".join([*(f"{k}={v}" for k, v in env.items()), *after]),
             "before": summary(firsts), "after": summary(seconds),
             "returncode": max(r["returncode"] for r in firsts + seconds)}
@@ -226,7 +225,7 @@ def render(records: list[dict]) -> str:
         for r in levers:
             b, a = r["before"].get("step_seconds_median"), r["after"].get("step_seconds_median")
             ratio = f"{a / b:.3f}" if a and b else ""
-            lines.append(f"| {r['what']} | `{r.get('change', r['after_command'])}` | {_fmt(b)} | {_fmt(a)} | {ratio} | "
+            lines.append(f"| {r['what']} | `{r['change']}` | {_fmt(b)} | {_fmt(a)} | {ratio} | "
                          f"{_fmt(r['before'].get('compile_seconds'))}, {_fmt(r['after'].get('compile_seconds'))} |")
         lines += ["", f"Before, every lever: `{levers[0]['before_command']}`.", ""]
     lines.append(END)

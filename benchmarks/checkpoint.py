@@ -23,6 +23,8 @@ import statistics
 import tempfile
 import time
 
+from t2x import hostmem
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                         metavar="key=value", help="overrides of --state-config")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args(argv)
+    hostmem.keep_freed_memory()  # as t2x's command line does
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         if not args.skip_throughput:

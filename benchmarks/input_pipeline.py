@@ -22,6 +22,7 @@ import time
 
 import statistics
 
+from t2x import hostmem
 from t2x.bench import StepBench
 from t2x.config import load_config
 from t2x.data import Source, load_tokenizer
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=200, help="batches timed")
     parser.add_argument("--step-steps", type=int, default=10, help="train steps timed (0: no step)")
     args = parser.parse_args(argv)
+    hostmem.keep_freed_memory()  # as t2x's command line does
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.data.tokenizer)

@@ -20,6 +20,10 @@ Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
     python benchmarks/peers.py                       # both shapes
     python benchmarks/peers.py --shapes small --rounds 5
     python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
+    python benchmarks/peers.py --peer-malloc keep    # the peer with t2x's allocator setting
+
+t2x's process keeps freed memory for reuse, as ``t2x``'s command line does on a CPU
+(``t2x.hostmem``); the peer runs with glibc's defaults unless ``--peer-malloc keep``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -37,6 +42,7 @@ import numpy as np
 
 from t2x.bench import StepBench, matmul_peak_flops
 from t2x.config import load_config
+from t2x import hostmem
 from t2x.flops import training_flops_per_step
 from t2x.hf.decoder import GPT2, hf_config, tensors
 from t2x.train.state import make_optimizer
@@ -112,9 +118,14 @@ class TorchGPT2:
         return times
 
 
-def _torch_worker(conn, *args) -> None:
+def _torch_worker(conn, keep_memory: bool, *args) -> None:
     """The peer in a process of its own (so neither library's threads wait, spinning, on
-    the other's turn): builds ``TorchGPT2(*args)``, then runs steps on request."""
+    the other's turn): builds ``TorchGPT2(*args)``, then runs steps on request.
+    ``keep_memory``: glibc keeps freed memory as in t2x's process (``t2x.hostmem``);
+    otherwise the peer runs with the allocator as its users get it."""
+    if keep_memory:
+        os.environ[hostmem.ENV] = "keep"
+        hostmem.keep_freed_memory()
     peer = TorchGPT2(*args)
     conn.send(sum(p.numel() for p in peer.model.parameters()))
     while (steps := conn.recv()) is not None:
@@ -156,7 +167,8 @@ def compare(shape: str, args, peaks: dict) -> dict:
     hf = hf_config(m, GPT2, "float32", {"bos_token": ours.bos_id, "eos_token": ours.bos_id})
     conn, theirs = multiprocessing.get_context("spawn").Pipe()
     worker = multiprocessing.get_context("spawn").Process(
-        target=_torch_worker, args=(theirs, hf, tensors(m, GPT2, params), optim, lrs, rows, ours.bos_id), daemon=True)
+        target=_torch_worker, daemon=True,
+        args=(theirs, args.peer_malloc == "keep", hf, tensors(m, GPT2, params), optim, lrs, rows, ours.bos_id))
     worker.start()
     peer_params = conn.recv()
 
@@ -171,7 +183,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
         same = abs(loss_t2x - loss_torch) <= args.loss_tolerance
         result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq,
                   "vocab_size": m.vocab_size, "loss_steps": args.loss_steps, "loss_t2x": loss_t2x,
-                  "loss_torch": loss_torch, "same_loss": same}
+                  "loss_torch": loss_torch, "same_loss": same, "peer_malloc": args.peer_malloc}
         if not same:
             return result
         ours_times, peer_times = [], []
@@ -203,7 +215,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--t2x", nargs="*", default=[], metavar="key=value",
                         help="t2x settings on top of the shape (model.* settings the peer does not share are refused by "
                         "the loss check)")
+    parser.add_argument("--peer-malloc", choices=["system", "keep"], default="system",
+                        help="the peer's allocator: glibc as its users get it, or keeping freed memory as t2x does "
+                        "(t2x.hostmem)")
     args = parser.parse_args(argv)
+    hostmem.keep_freed_memory()  # as t2x's command line does
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # torch apart from XLA here too
         torch_peak, torch_version, torch_threads = pool.apply(_torch_facts)

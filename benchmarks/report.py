@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 from peers import SHAPES as PEER_SHAPES  # this folder, on the path of a script run from it
@@ -59,6 +60,9 @@ class Measurement:
 MEASUREMENTS = [
     Measurement("peers_small", "t2x next to transformers' GPT-2 (same weights, batches, optimizer), layers unrolled",
                 ["python", "benchmarks/peers.py", "--shapes", "small", "--t2x", "model.scan_layers=false"], PEER_KEYS),
+    Measurement("peers_small_same_malloc", "the same with the peer keeping freed memory as t2x does",
+                ["python", "benchmarks/peers.py", "--shapes", "small", "--t2x", "model.scan_layers=false",
+                 "--peer-malloc", "keep"], PEER_KEYS),
     Measurement("peers_small_scanned", "the same with t2x's default, scanned layers",
                 ["python", "benchmarks/peers.py", "--shapes", "small"], PEER_KEYS),
     Measurement("peers_gpt2_small", "the same at GPT-2 small (124M), sequence 512, batch 4, layers unrolled",
@@ -80,13 +84,24 @@ MEASUREMENTS = [
 
 STEP_KEYS = ("step_seconds_median", "tokens_per_second", "compile_seconds")
 
-# name: (what, overrides before, overrides after, environment after); t2x bench of SMALL
+class Lever(typing.NamedTuple):
+    """A change to ``t2x bench`` of SMALL: overrides and environment before and after."""
+
+    what: str
+    before: list[str] = []
+    after: list[str] = []
+    env_after: dict[str, str] = {}
+    env_before: dict[str, str] = {}
+
+
 LEVERS = {
-    "unrolled": ("layers unrolled instead of scanned (`model.scan_layers=false`)", [], ["model.scan_layers=false"], {}),
-    "remat_full": ("rematerialize every layer (`model.remat=full`): memory for compute", [], ["model.remat=full"], {}),
-    "eigen_dots": ("XLA's Eigen matmuls instead of YNNPACK dot fusions", [], [],
-                   {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}),
-    "onednn": ("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", [], [], {"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
+    "kept_memory": Lever("glibc keeps freed memory for the next step (t2x's default on a CPU, `t2x.hostmem`) instead "
+                         "of unmapping it and faulting it in again", env_before={"T2X_HOST_MALLOC": "system"}),
+    "unrolled": Lever("layers unrolled instead of scanned (`model.scan_layers=false`)", after=["model.scan_layers=false"]),
+    "remat_full": Lever("rematerialize every layer (`model.remat=full`): memory for compute", after=["model.remat=full"]),
+    "eigen_dots": Lever("XLA's Eigen matmuls instead of YNNPACK dot fusions",
+                        env_after={"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}),
+    "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
 }
 
 
@@ -155,11 +170,11 @@ def measure(m: Measurement, tmp: str) -> dict:
 def measure_lever(name: str, rounds: int) -> dict:
     """``rounds`` alternating processes of the step before and after the lever: this
     machine's speed wanders between minutes, so one of each would compare moments."""
-    what, before, after, env = LEVERS[name]
+    lever = LEVERS[name]
     firsts, seconds = [], []
     for _ in range(rounds):
-        firsts.append(run([*BENCH, *before]))
-        seconds.append(run([*BENCH, *after], env))
+        firsts.append(run([*BENCH, *lever.before], lever.env_before))
+        seconds.append(run([*BENCH, *lever.after], lever.env_after))
 
     def summary(records):
         outs = [(r["outputs"] or [{}])[-1] for r in records]
@@ -168,9 +183,12 @@ def measure_lever(name: str, rounds: int) -> dict:
         return {"step_seconds_median": statistics.median(steps) if steps else None, "step_seconds_each": steps,
                 "compile_seconds": min(compiles) if compiles else None}
 
-    return {"name": f"lever:{name}", "what": what, "rounds": rounds,
-            "before_command": shlex.join([*BENCH, *before]),
-            "change": " ".join([*(f"{k}={v}" for k, v in env.items()), *after]),
+    def described(env, overrides):
+        return " ".join([*(f"{k}={v}" for k, v in env.items()), *overrides]) or "default"
+
+    return {"name": f"lever:{name}", "what": lever.what, "rounds": rounds,
+            "before_command": shlex.join([*BENCH, *lever.before]),
+            "change": f"{described(lever.env_before, lever.before)} -> {described(lever.env_after, lever.after)}",
             "before": summary(firsts), "after": summary(seconds),
             "returncode": max(r["returncode"] for r in firsts + seconds)}
 

@@ -259,6 +259,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _configure_runtime() -> None:
+    from t2x.hostmem import keep_freed_memory
+
+    try:
+        keep_freed_memory()  # first: before any thread that allocates step buffers exists
+    except ValueError as e:
+        raise SystemExit(f"t2x: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import absl.logging
     import jax

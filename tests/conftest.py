@@ -15,6 +15,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from t2x.hostmem import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as t2x's command line does: before JAX's threads exist
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

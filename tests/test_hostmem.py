@@ -1,0 +1,72 @@
+"""Host memory: freed step-sized buffers are reused, not faulted in again every step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from t2x import hostmem
+
+# A step's worth of large buffers, malloc'd, written and freed ten times in a thread other
+# than the main one (as XLA's are); the page faults of the last nine rounds. (Not numpy's
+# arrays: numpy asks for huge pages, which fault 512 times less.)
+_ROUNDS = """
+import ctypes, json, resource, threading
+from t2x.hostmem import keep_freed_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+applied = keep_freed_memory()
+faults = []
+
+def rounds():
+    for i in range(10):
+        if i == 1:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        blocks = [libc.malloc(48 << 20) for _ in range(3)]
+        for b in blocks:
+            ctypes.memset(b, i, 48 << 20)
+        for b in blocks:
+            libc.free(b)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+t = threading.Thread(target=rounds)
+t.start()
+t.join()
+print(json.dumps({"applied": applied, "faults": faults[1] - faults[0]}))
+"""
+
+
+def _run(setting: str) -> dict:
+    env = {**os.environ, hostmem.ENV: setting}
+    out = subprocess.run([sys.executable, "-c", _ROUNDS], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_buffers_are_reused_not_faulted_in_again():
+    pages = 9 * 3 * (48 << 20) // os.sysconf("SC_PAGE_SIZE")  # the nine rounds' pages
+    system, kept = _run("system"), _run("keep")
+    assert not system["applied"] and kept["applied"]
+    assert system["faults"] > pages * 0.9  # glibc unmaps each block on free: every page again
+    assert kept["faults"] < pages * 0.05
+
+
+def test_cpu_only_by_default(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not hostmem.accelerator_installed()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert hostmem.accelerator_installed()
+    monkeypatch.setenv(hostmem.ENV, "system")
+    assert hostmem.keep_freed_memory() is hostmem._applied  # leaves the allocator as it is
+
+
+def test_bad_setting_is_named(monkeypatch):
+    monkeypatch.setattr(hostmem, "_applied", False)
+    monkeypatch.setenv(hostmem.ENV, "tcmalloc")
+    with pytest.raises(ValueError, match="T2X_HOST_MALLOC must be auto, keep or system"):
+        hostmem.keep_freed_memory()

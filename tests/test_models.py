@@ -1,6 +1,7 @@
 """The model against the float64 NumPy reference, across every architecture option."""
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -410,3 +411,29 @@ def test_a_decoder_with_sorted_embedding_gradients_gets_the_gathers_gradients(mo
     assert jax.tree.structure(by_scatter) == jax.tree.structure(by_sorting)
     for a, b in zip(jax.tree.leaves(by_scatter), jax.tree.leaves(by_sorting)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_rows_dot_is_the_product_and_its_weight_gradient_copies_no_transposed_cotangent():
+    from t2x.models.layers import rows_dot
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 64, 32)), jnp.float32)
+    heads = jnp.asarray(rng.normal(size=(4, 64, 2, 16)), jnp.float32)
+    cases = [(x, rng.normal(size=(512, 32)), (((2,), (1,)), ((), ()))),  # tied logits: [batch, seq, vocab]
+             (heads, rng.normal(size=(2, 16, 8)), (((2, 3), (0, 1)), ((), ()))),  # attention out: heads in
+             (x, rng.normal(size=(4, 32, 8)), (((2,), (1,)), ((0,), (0,))))]  # batch dims: the plain product
+    for lhs, rhs, dims in cases:
+        rhs = jnp.asarray(rhs, jnp.float32)
+        np.testing.assert_allclose(rows_dot(jax.lax.dot_general, lhs, rhs, dims), jax.lax.dot_general(lhs, rhs, dims),
+                                   rtol=1e-5, atol=1e-5)
+
+    table = jnp.asarray(cases[0][1], jnp.float32)
+    dims = cases[0][2]
+
+    def table_gradient_hlo(dot):
+        loss = lambda t: jnp.sum(jnp.exp(dot(x, t, dims)))  # a cotangent made by an elementwise pass, as softmax's
+        return jax.jit(jax.grad(loss)).lower(table).compile().as_text()
+
+    transposed = re.compile(r"f32\[512,256\]")  # the [vocab, tokens] cotangent
+    assert transposed.search(table_gradient_hlo(jax.lax.dot_general))  # two contracted dimensions: copied transposed
+    assert not transposed.search(table_gradient_hlo(functools.partial(rows_dot, jax.lax.dot_general)))

@@ -82,14 +82,31 @@ def gathered(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return constrain(x, tuple(None if a == "embed" else a for a in axes))
 
 
+def rows_dot(dot, lhs: jax.Array, rhs: jax.Array, dimension_numbers, **kwargs) -> jax.Array:
+    """``dot(lhs, rhs, dimension_numbers, **kwargs)`` with the leading, free dimensions of
+    ``lhs`` (batch and sequence) merged into one rows dimension first, where ``lhs``
+    contracts only its trailing dimensions and there are no batch dimensions; the result
+    has the same shape. A weight's gradient then contracts one dimension of rows rather
+    than two, which XLA:CPU's matmuls take transposed as they are; with two it copied the
+    cotangent into a transposed layout first (for the vocabulary projection, a
+    [vocab, tokens] float32 copy each step)."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    free = lhs.ndim - len(lhs_contract)
+    if lhs_batch or rhs_batch or free < 2 or sorted(lhs_contract) != list(range(free, lhs.ndim)):
+        return dot(lhs, rhs, dimension_numbers, **kwargs)
+    rows = lhs.reshape(-1, *lhs.shape[free:])
+    out = dot(rows, rhs, ((tuple(c - free + 1 for c in lhs_contract), tuple(rhs_contract)), ((), ())), **kwargs)
+    return out.reshape(*lhs.shape[:free], *out.shape[1:])
+
+
 def _kernel_dot(kernel_axes: tuple, accumulate_float32: bool, lhs, rhs, dimension_numbers, precision=None,
                 preferred_element_type=None):
     """DenseGeneral's product, its kernel (``rhs``) gathered over ``fsdp`` first."""
     rhs = gathered(rhs, kernel_axes)
     if accumulate_float32:
-        return float32_dot_general(lhs, rhs, dimension_numbers)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+        return rows_dot(float32_dot_general, lhs, rhs, dimension_numbers)
+    return rows_dot(jax.lax.dot_general, lhs, rhs, dimension_numbers, precision=precision,
+                    preferred_element_type=preferred_element_type)
 
 
 def dense(
@@ -272,7 +289,7 @@ def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
     """
     if cfg.tie_embeddings:
         table = gathered(embed.embedding.astype(x.dtype), ("vocab", "embed"))  # [vocab, d_model]
-        logits = float32_dot_general(x, table, (((x.ndim - 1,), (1,)), ((), ())))  # [batch, seq, vocab]
+        logits = rows_dot(float32_dot_general, x, table, (((x.ndim - 1,), (1,)), ((), ())))  # [batch, seq, vocab]
     else:
         logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True,
                        name="lm_head")(x)

@@ -220,6 +220,10 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), reference.mask_of(segment_ids))
     np.testing.assert_allclose(causal_blocked_attention(q, k, v, mask, None, None), expected, rtol=1e-5, atol=1e-5)
+    q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))  # bfloat16 in, float32 softmax, bfloat16 out
+    out16 = causal_blocked_attention(q16, k16, v16, mask, None, None)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), expected, atol=3e-2)
 
 
 def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_reference():

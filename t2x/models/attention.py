@@ -128,20 +128,42 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
 def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
                              scale: float | None, block: int = CAUSAL_BLOCK) -> jax.Array:
-    """``jax.nn.dot_product_attention`` under a causal ``mask`` [batch or 1, 1, seq, seq],
-    computed by blocks of ``block`` queries, each over the keys up to its last query: the
-    keys after it are masked for every query of the block, so their scores, softmax and
-    products (nearly half of the whole) are never computed. The result is the full
-    computation's: the skipped keys' weights are exactly 0 there."""
-    seq_len = q.shape[1]
+    """``jax.nn.dot_product_attention``'s XLA computation under a causal ``mask``
+    [batch or 1, 1, seq, seq], by blocks of ``block`` queries, each over the keys up to
+    its last query: the keys after it are masked for every query of the block, so their
+    scores, softmax and products (nearly half of the whole) are never computed. The
+    result is the full computation's: the skipped keys' weights are exactly 0 there.
+
+    Queries, keys and values are laid out [batch, heads, seq, head_dim] once, so that
+    every block's products are batched matmuls over contiguous rows; per block in the
+    [batch, seq, heads, head_dim] layout, XLA:CPU copied each block's keys and values
+    into that layout again (a quarter of a CPU's attention time). The numerics are
+    ``jax.nn.dot_product_attention``'s: float32 logits, scaled, biased, masked to a
+    large negative float32, softmax in float32, probabilities in the values' dtype.
+    Grouped queries (fewer key/value heads) share their group's keys and values."""
+    batch, seq_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, g, seq, d]
+    kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, kv, seq, d]
+    mask = mask[:, :, None]  # [b or 1, 1, 1, seq, seq]
+    if bias is not None:
+        bias = bias.reshape(bias.shape[0], kv_heads, group, *bias.shape[2:])
+    lowest = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
     outs = []
     for start in range(0, seq_len, block):
         end = start + block
-        rows = (slice(None), slice(None), slice(start, end), slice(0, end))
-        outs.append(jax.nn.dot_product_attention(
-            q[:, start:end], k[:, :end], v[:, :end], bias=None if bias is None else bias[rows],
-            mask=mask[rows], scale=scale, implementation="xla"))
-    return jnp.concatenate(outs, axis=1)
+        logits = jnp.einsum("bkgqd,bksd->bkgqs", qt[:, :, :, start:end], kt[:, :, :end], precision=precision,
+                            preferred_element_type=jnp.float32) * jnp.float32(scale)
+        if bias is not None:
+            logits = (logits + bias[..., start:end, :end]).astype(jnp.float32)
+        logits = jnp.where(mask[..., start:end, :end], logits, lowest)
+        probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vt[:, :, :end]))
+    out = jnp.concatenate(outs, axis=3)  # [b, kv, g, seq, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, heads, head_dim)
 
 
 def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:

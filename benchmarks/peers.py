@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -40,9 +39,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from t2x import hostmem
 from t2x.bench import StepBench, matmul_peak_flops
 from t2x.config import load_config
-from t2x import hostmem
 from t2x.flops import training_flops_per_step
 from t2x.hf.decoder import GPT2, hf_config, tensors
 from t2x.train.state import make_optimizer
@@ -124,8 +123,7 @@ def _torch_worker(conn, keep_memory: bool, *args) -> None:
     ``keep_memory``: glibc keeps freed memory as in t2x's process (``t2x.hostmem``);
     otherwise the peer runs with the allocator as its users get it."""
     if keep_memory:
-        os.environ[hostmem.ENV] = "keep"
-        hostmem.keep_freed_memory()
+        hostmem.keep_freed_memory("keep")
     peer = TorchGPT2(*args)
     conn.send(sum(p.numel() for p in peer.model.parameters()))
     while (steps := conn.recv()) is not None:

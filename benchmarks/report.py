@@ -88,8 +88,8 @@ class Lever(typing.NamedTuple):
     """A change to ``t2x bench`` of SMALL: overrides and environment before and after."""
 
     what: str
-    before: list[str] = []
-    after: list[str] = []
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
     env_after: dict[str, str] = {}
     env_before: dict[str, str] = {}
 
@@ -97,8 +97,8 @@ class Lever(typing.NamedTuple):
 LEVERS = {
     "kept_memory": Lever("glibc keeps freed memory for the next step (t2x's default on a CPU, `t2x.hostmem`) instead "
                          "of unmapping it and faulting it in again", env_before={"T2X_HOST_MALLOC": "system"}),
-    "unrolled": Lever("layers unrolled instead of scanned (`model.scan_layers=false`)", after=["model.scan_layers=false"]),
-    "remat_full": Lever("rematerialize every layer (`model.remat=full`): memory for compute", after=["model.remat=full"]),
+    "unrolled": Lever("layers unrolled instead of scanned (`model.scan_layers=false`)", after=("model.scan_layers=false",)),
+    "remat_full": Lever("rematerialize every layer (`model.remat=full`): memory for compute", after=("model.remat=full",)),
     "eigen_dots": Lever("XLA's Eigen matmuls instead of YNNPACK dot fusions",
                         env_after={"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}),
     "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),

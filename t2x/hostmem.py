@@ -55,11 +55,12 @@ def _glibc_mallopt():
         return None
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(choice: str | None = None) -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring), where it
-    applies; returns whether it is in effect. Safe to call more than once."""
+    applies; returns whether it is in effect. ``choice``: auto, keep or system (default:
+    ``T2X_HOST_MALLOC``, else auto). Safe to call more than once."""
     global _applied
-    choice = os.environ.get(ENV, "auto")
+    choice = choice or os.environ.get(ENV, "auto")
     if choice not in ("auto", "keep", "system"):
         raise ValueError(f"{ENV} must be auto, keep or system, got {choice!r}")
     if _applied or choice == "system" or (choice == "auto" and accelerator_installed()):

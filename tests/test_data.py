@@ -77,6 +77,18 @@ def test_batches_are_deterministic_and_seed_dependent(tokenizer):
     assert a[0]["tokens"].shape == (8, 16) and a[0]["num_bytes"].shape == (8,)
 
 
+def test_pipelines_run_no_autotuning_thread(tokenizer):
+    # tf.data's autotuning thread can miss a closing iterator's cancellation and hold the
+    # end of a run for the rest of its optimization period (up to a minute).
+    cfg = config()
+    batches = TrainBatches(Source(cfg, "train"), tokenizer, cfg, 8, seed=0, rows=range(8))
+    evaluation = eval_dataset(Source(cfg, "eval"), tokenizer, cfg, 8, range(8), DataStats())
+    assert next(batches)["tokens"].shape == (8, 16)
+    for dataset in (batches.dataset, evaluation):
+        assert dataset.options().autotune.enabled is False
+    batches.close()
+
+
 @pytest.mark.parametrize("processes", [2, 4])
 def test_global_batch_does_not_depend_on_the_process_count(tokenizer, processes):
     cfg = config()

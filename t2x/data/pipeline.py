@@ -217,6 +217,10 @@ def _options() -> tf.data.Options:
     # Only the packer needs parallel calls (it says so). Maps tf.data would parallelize
     # on its own can leave an iterator that met an error unable to shut down.
     options.experimental_optimization.map_parallelization = False
+    # No autotuning thread: it can miss the iterator's cancellation and keep a closing
+    # pipeline waiting out its optimization period (up to a minute) at the end of a run.
+    # The packer's parallelism then defaults to the host's cores; buffers are fixed.
+    options.autotune.enabled = False
     return options
 
 
@@ -328,7 +332,8 @@ class TrainBatches:
             for k in self.shards
         ]
         dataset = layout.select(tf.data.Dataset.zip(tuple(streams)).map(_concat_shards)).prefetch(cfg.prefetch)
-        self._iterator = dataset.with_options(_options()).as_numpy_iterator()
+        self.dataset = dataset.with_options(_options())
+        self._iterator = self.dataset.as_numpy_iterator()
 
     def __iter__(self):
         return self

@@ -26,8 +26,9 @@ from t2x.config import Config, load_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# The quickstart config shrunk further: a model that compiles and steps in well under a second.
-TINY = [
+# What every family's tiny test config shares: the quickstart's run shrunk to a model that
+# compiles and steps in well under a second.
+TINY_COMMON = [
     "model.vocab_size=512",
     "model.d_model=32",
     "model.num_layers=2",
@@ -48,6 +49,10 @@ TINY = [
     "eval.every=0",
     "eval.max_batches=2",
 ]
+# The tests' decoder: GPT-2-shaped layers, scanned (the quickstart's own are Llama-shaped and
+# unrolled; tests that need those ask for them).
+GPT2_LAYERS = ["model.position=learned", "model.norm=layernorm", "model.mlp=gelu", "model.scan_layers=true"]
+TINY = [*TINY_COMMON, *GPT2_LAYERS]
 
 
 def tiny_config(run_dir, *overrides: str) -> Config:

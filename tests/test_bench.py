@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, TINY_COMMON
 from t2x.bench import synthetic_rows
 from t2x.cli import main
 from t2x.config import load_config
@@ -20,8 +20,8 @@ from t2x.flops import training_flops_per_step
 
 FAMILIES = {
     "decoder": ("tiny.yaml", TINY),
-    "encoder": ("bert_tiny.yaml", [o for o in TINY if not o.startswith("model.vocab_size")] + ["model.vocab_size=576"]),
-    "encoder_decoder": ("t5_tiny.yaml", [o for o in TINY if not o.startswith(("model.vocab_size", "model.d_model",
+    "encoder": ("bert_tiny.yaml", [o for o in TINY_COMMON if not o.startswith("model.vocab_size")] + ["model.vocab_size=576"]),
+    "encoder_decoder": ("t5_tiny.yaml", [o for o in TINY_COMMON if not o.startswith(("model.vocab_size", "model.d_model",
                                                                                "model.num_heads"))]
                         + ["model.vocab_size=576", "model.d_model=32", "model.num_heads=4", "model.head_dim=8"]),
 }

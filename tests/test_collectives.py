@@ -4,7 +4,7 @@ against the mesh's formula (``t2x.parallel.collectives``)."""
 import jax
 import pytest
 
-from conftest import REPO
+from conftest import GPT2_LAYERS, REPO
 from t2x.bench import StepBench
 from t2x.config import load_config
 from t2x.parallel.collectives import Collective, by_group, collectives, predicted_payloads, wire_bytes
@@ -41,7 +41,7 @@ def test_collectives_are_read_with_their_bytes_groups_and_loop_trips():
 
 
 def measured(*mesh):
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [*mesh, "data.num_shards=8"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*GPT2_LAYERS, *mesh, "data.num_shards=8"])
     b = StepBench(cfg, batches=1)
     by: dict[tuple[str, int], int] = {}
     for c in collectives(b.compiled.as_text()):

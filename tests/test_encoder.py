@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, restored
+from conftest import REPO, TINY_COMMON, restored
 from t2x.components import build
 from t2x.config import ConfigError, ObjectiveConfig, load_config
 from t2x.data.tokenizer import load_tokenizer
@@ -20,7 +20,7 @@ from test_train import MESHES, train_losses, train_on_every_mesh
 
 BERT_TINY = REPO / "configs" / "bert_tiny.yaml"
 # The test encoder: the tiny test shapes, 512 pieces and the mask token past them.
-ENCODER = [o for o in TINY if not o.startswith("model.vocab_size")] + ["model.vocab_size=576"]
+ENCODER = [o for o in TINY_COMMON if not o.startswith("model.vocab_size")] + ["model.vocab_size=576"]
 
 
 def encoder_config(run_dir, *overrides):

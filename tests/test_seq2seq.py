@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, restored
+from conftest import REPO, TINY_COMMON, restored
 from t2x.config import load_config
 from t2x.train.loop import train
 from test_train import MESHES, train_losses, train_on_every_mesh
 
 T5_TINY = REPO / "configs" / "t5_tiny.yaml"
 # The tiny test shapes as a T5: 512 pieces, then room for the sentinels.
-SEQ2SEQ = [o for o in TINY if not o.startswith(("model.vocab_size", "model.d_model", "model.num_heads"))] + [
+SEQ2SEQ = [o for o in TINY_COMMON if not o.startswith(("model.vocab_size", "model.d_model", "model.num_heads"))] + [
     "model.vocab_size=576", "model.d_model=32", "model.num_heads=4", "model.head_dim=8",
 ]
 

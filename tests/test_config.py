@@ -63,7 +63,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["model.position=alibi"], "model.position"),
         (["train.global_batch_size=12", "data.num_shards=8"], "data.num_shards"),
         (["train.global_batch_size=16", "train.grad_accum_steps=3"], "train.grad_accum_steps"),
-        (["data.seq_len=256", "model.max_seq_len=128"], "model.max_seq_len"),
+        (["model.position=learned", "data.seq_len=256", "model.max_seq_len=128"], "model.max_seq_len"),
         (["model.num_heads=4", "model.num_kv_heads=3"], "model.num_kv_heads"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "mesh"),
         (["model.dropout=1.5"], "model.dropout"),

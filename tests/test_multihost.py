@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, restored, tiny_config
+from conftest import REPO, TEST_XLA_FLAGS, TINY, restored, tiny_config
 from t2x.checkpoint import Checkpointer
 from t2x.config import ConfigError, DistributedConfig, load_config
 from t2x.parallel.distributed import initialize
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def cpu_env(devices: int, **extra) -> dict:
     env = dict(os.environ, **extra)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
     return env
 
 

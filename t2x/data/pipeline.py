@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from t2x.config import DataConfig
 from t2x.data.packing import DOCUMENTS, RowFormat
-from t2x.data.reader import DataError, DataStats
+from t2x.data.reader import DataError, DataStats, dataset_options
 from t2x.data.sources import Source, decode_records
 from t2x.data.tokenizer import Tokenizer
 
@@ -210,26 +210,12 @@ def _concat_shards(*shards):
     return {k: tf.concat([s[k] for s in shards], axis=0) for k in shards[0]}
 
 
-def _options() -> tf.data.Options:
-    options = tf.data.Options()
-    options.deterministic = True
-    options.experimental_warm_start = True
-    # Only the packer needs parallel calls (it says so). Maps tf.data would parallelize
-    # on its own can leave an iterator that met an error unable to shut down.
-    options.experimental_optimization.map_parallelization = False
-    # No autotuning thread: it can miss the iterator's cancellation and keep a closing
-    # pipeline waiting out its optimization period (up to a minute) at the end of a run.
-    # The packer's parallelism then defaults to the host's cores; buffers are fixed.
-    options.autotune.enabled = False
-    return options
-
-
 SCAN_RECORDS = 10_000  # records read per shard, at most, to find usable text before a run
 
 
 def _shard_has_text(source: Source, cfg: DataConfig, shard: int, stats: DataStats) -> tuple[bool, int]:
     """(whether the shard's first records hold usable text, how many records were read)."""
-    records = source.shard_fn(shard, cfg.num_shards, 0, False, stats)(0)
+    records = source.shard_fn(shard, cfg.num_shards, 0, False, stats)(0).with_options(dataset_options())
     read = 0
     with data_errors(stats):
         for batch, separators in records.take(SCAN_RECORDS).batch(1024).as_numpy_iterator():
@@ -332,7 +318,7 @@ class TrainBatches:
             for k in self.shards
         ]
         dataset = layout.select(tf.data.Dataset.zip(tuple(streams)).map(_concat_shards)).prefetch(cfg.prefetch)
-        self.dataset = dataset.with_options(_options())
+        self.dataset = dataset.with_options(dataset_options())
         self._iterator = self.dataset.as_numpy_iterator()
 
     def __iter__(self):
@@ -381,7 +367,7 @@ def eval_dataset(
             shard = shard.cache()
         streams.append(shard.concatenate(padding).batch(layout.rows_per_shard))
     dataset = layout.select(tf.data.Dataset.zip(tuple(streams)).map(_concat_shards))
-    return dataset.map(_drop_meta).prefetch(cfg.prefetch).with_options(_options())
+    return dataset.map(_drop_meta).prefetch(cfg.prefetch).with_options(dataset_options())
 
 
 def _drop_meta(batch):

@@ -31,6 +31,21 @@ CHUNK_BYTES = 1 << 20  # bytes read at a time
 _WARNINGS_PER_KIND = 3  # then the metrics alone count them
 
 
+def dataset_options() -> tf.data.Options:
+    """The options of every dataset t2x iterates."""
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_warm_start = True
+    # Only the packer needs parallel calls (it says so). Maps tf.data would parallelize
+    # on its own can leave an iterator that met an error unable to shut down.
+    options.experimental_optimization.map_parallelization = False
+    # No autotuning thread: it can miss the iterator's cancellation and keep a closing
+    # pipeline waiting out its optimization period (up to a minute) at the end of a run.
+    # The packer's parallelism then defaults to the host's cores; buffers are fixed.
+    options.autotune.enabled = False
+    return options
+
+
 class DataError(ValueError):
     """Input data that cannot be used; the message names the config key or file."""
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from t2x.config import DataConfig
-from t2x.data.reader import DataError, DataStats, records_dataset, splittable
+from t2x.data.reader import DataError, DataStats, dataset_options, records_dataset, splittable
 
 log = logging.getLogger(__name__)
 
@@ -345,5 +345,6 @@ def read_texts(paths: Sequence[str], fmt: str = "auto", text_key: str = "text") 
     source = Source(cfg, "train")
     stats = DataStats()
     records = source.shard_fn(0, 1, seed=0, shuffle_files=False, stats=stats)(0).batch(1024)
+    records = records.with_options(dataset_options())
     for batch, separators in records.as_numpy_iterator():
         yield from decode_records(list(batch), separators, source.format, text_key, "replace", stats, source.description)[0]

@@ -194,9 +194,9 @@ def test_importing_t2x_selects_the_cpu_schedule_that_cannot_deadlock():
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
-    """Blocks of queries over the keys up to their last: the same outputs and gradients as
-    one causal, segment-masked attention over the whole row (with a bias, T5's way), and
-    the float64 reference's."""
+    """Blocks of queries over the keys up to their last: the same outputs and gradients (the
+    bias's too) as one causal, segment-masked attention over the whole row (with a bias,
+    T5's way), and the float64 reference's."""
     from t2x.models.attention import CAUSAL_BLOCK, causal_blocked_attention
 
     rng = np.random.default_rng(7)
@@ -218,6 +218,10 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
                  for f in (blocked, full)]
         for a, c in zip(*grads):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    bias_grads = [jax.jit(jax.grad(lambda b, f=f: jnp.sum(f(q, k, v, mask, b) ** 2)))(bias)
+                  for f in (lambda *x: causal_blocked_attention(*x, scale=None),
+                            lambda q, k, v, m, b: jax.nn.dot_product_attention(q, k, v, bias=b, mask=m))]
+    np.testing.assert_allclose(*bias_grads, rtol=1e-5, atol=1e-5)  # T5's relative bias learns through it
     expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), reference.mask_of(segment_ids))
     np.testing.assert_allclose(causal_blocked_attention(q, k, v, mask, None, None), expected, rtol=1e-5, atol=1e-5)
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))  # bfloat16 in, float32 softmax, bfloat16 out

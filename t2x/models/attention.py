@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -140,30 +142,85 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     into that layout again (a quarter of a CPU's attention time). The numerics are
     ``jax.nn.dot_product_attention``'s: float32 logits, scaled, biased, masked to a
     large negative float32, softmax in float32, probabilities in the values' dtype.
-    Grouped queries (fewer key/value heads) share their group's keys and values."""
+    Grouped queries (fewer key/value heads) share their group's keys and values.
+
+    The gradient is written out (``_blocked_attention_bwd``) rather than derived by
+    autodiff: with each row's dot product of output and output gradient computed once,
+    the softmax's gradient is one element-wise pass per block, and the keys' and values'
+    gradients accumulate block by block in place."""
     batch, seq_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
-    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
     qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, g, seq, d]
     kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, kv, seq, d]
-    mask = mask[:, :, None]  # [b or 1, 1, 1, seq, seq]
     if bias is not None:
         bias = bias.reshape(bias.shape[0], kv_heads, group, *bias.shape[2:])
+    out = _blocked_attention(qt, kt, vt, mask[:, :, None], bias, float(scale), block)  # [b, kv, g, seq, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, heads, head_dim)
+
+
+def _block_precision(dtype) -> jax.lax.DotAlgorithmPreset | None:
+    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dtype == jnp.bfloat16 else None
+
+
+def _blocked_attention_fwd(q, k, v, mask, bias, scale, block):
+    """Each block's output and probabilities (float32): ``q`` [b, kv, g, seq, d], ``k`` and
+    ``v`` [b, kv, seq, d], ``mask`` [b or 1, 1, 1, seq, seq], ``bias`` [b or 1, kv, g, seq, seq]."""
     lowest = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
-    outs = []
-    for start in range(0, seq_len, block):
+    outs, probs = [], []
+    for start in range(0, q.shape[3], block):
         end = start + block
-        logits = jnp.einsum("bkgqd,bksd->bkgqs", qt[:, :, :, start:end], kt[:, :, :end], precision=precision,
-                            preferred_element_type=jnp.float32) * jnp.float32(scale)
+        logits = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, start:end], k[:, :, :end],
+                            precision=_block_precision(q.dtype), preferred_element_type=jnp.float32)
+        logits = logits * jnp.float32(scale)
         if bias is not None:
             logits = (logits + bias[..., start:end, :end]).astype(jnp.float32)
         logits = jnp.where(mask[..., start:end, :end], logits, lowest)
-        probs = jax.nn.softmax(logits, axis=-1).astype(k.dtype)
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vt[:, :, :end]))
-    out = jnp.concatenate(outs, axis=3)  # [b, kv, g, seq, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, heads, head_dim)
+        p = jax.nn.softmax(logits, axis=-1)
+        probs.append(p)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, :end]))
+    return jnp.concatenate(outs, axis=3), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked_attention(q, k, v, mask, bias, scale, block):
+    return _blocked_attention_fwd(q, k, v, mask, bias, scale, block)[0]
+
+
+def _blocked_attention_vjp_fwd(q, k, v, mask, bias, scale, block):
+    out, probs = _blocked_attention_fwd(q, k, v, mask, bias, scale, block)
+    return out, (q, k, v, mask, bias, out, probs)
+
+
+def _blocked_attention_bwd(scale, block, residuals, g):
+    """Gradients of ``_blocked_attention`` from its saved probabilities: for a block's
+    probabilities P and output gradient dO, dV += P^T dO, dP = dO V^T, and the logits'
+    gradient dS = P (dP - rowsum(dO * O)), masked (what autodiff of the masked softmax
+    gives); dQ = scale dS K, dK += scale dS^T Q, the bias's gradient dS."""
+    q, k, v, mask, bias, out, probs = residuals
+    f32 = jnp.float32
+    delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [b, kv, g, seq, 1]
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    dbias = None if bias is None else jnp.zeros(bias.shape, f32)
+    for i, start in enumerate(range(0, q.shape[3], block)):
+        end = start + block
+        p, gi = probs[i], g[:, :, :, start:end]
+        dv = dv.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", p.astype(v.dtype), gi, preferred_element_type=f32))
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", gi, v[:, :, :end], preferred_element_type=f32)
+        ds = jnp.where(mask[..., start:end, :end], p * (dp - delta[:, :, :, start:end]), f32(0))
+        if bias is not None:
+            summed = tuple(a for a in range(ds.ndim) if bias.shape[a] == 1 and ds.shape[a] != 1)
+            dbias = dbias.at[..., start:end, :end].set(jnp.sum(ds, axis=summed, keepdims=True))
+        ds = (ds * f32(scale)).astype(q.dtype)
+        dq.append(jnp.einsum("bkgqs,bksd->bkgqd", ds, k[:, :, :end], preferred_element_type=f32))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", ds, q[:, :, :, start:end],
+                                              preferred_element_type=f32))
+    dq = jnp.concatenate(dq, axis=3).astype(q.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None if bias is None else dbias.astype(bias.dtype)
+
+
+_blocked_attention.defvjp(_blocked_attention_vjp_fwd, _blocked_attention_bwd)
 
 
 def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:

@@ -210,14 +210,15 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
         def full(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, bias=b, mask=mask)
 
-        def blocked(q, k, v):
-            return causal_blocked_attention(q, k, v, mask, b, scale=None)
+        for block in (CAUSAL_BLOCK, 2 * CAUSAL_BLOCK):  # the blocks of short rows and of rows from 512 tokens
+            def blocked(q, k, v, block=block):
+                return causal_blocked_attention(q, k, v, mask, b, scale=None, block=block)
 
-        np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), rtol=1e-6, atol=1e-6)
-        grads = [jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2)))(q, k, v)
-                 for f in (blocked, full)]
-        for a, c in zip(*grads):
-            np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), rtol=1e-6, atol=1e-6)
+            grads = [jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2)))(q, k, v)
+                     for f in (blocked, full)]
+            for a, c in zip(*grads):
+                np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     bias_grads = [jax.jit(jax.grad(lambda b, f=f: jnp.sum(f(q, k, v, mask, b) ** 2)))(bias)
                   for f in (lambda *x: causal_blocked_attention(*x, scale=None),
                             lambda q, k, v, m, b: jax.nn.dot_product_attention(q, k, v, bias=b, mask=m))]
@@ -260,7 +261,9 @@ def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_referenc
     ("cudnn", "bfloat16", 64, True, True, "gpu", 1024, "cudnn"),
 ])
 def test_self_attention_kernel_choice(attention, dtype, head_dim, bias, causal, backend, seq, expected):
-    from t2x.models.attention import self_attention_kernel
+    from t2x.models.attention import causal_block, self_attention_kernel
+
+    assert [causal_block(n) for n in (128, 256, 512, 576, 1024)] == [64, 64, 128, 64, 128]
 
     cfg = dataclasses.replace(BASE, attention=attention, dtype=dtype, d_model=4 * head_dim, num_heads=4)
     assert cfg.head_size == head_dim

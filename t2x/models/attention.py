@@ -28,7 +28,7 @@ def attention_mask(segment_ids: jax.Array | None, seq_len: int, causal: bool = T
     return mask
 
 
-CAUSAL_BLOCK = 64  # query rows per block of causal_blocked_attention
+CAUSAL_BLOCK = 64  # query rows per block of causal_blocked_attention (the smallest: see causal_block)
 PACKED_SEGMENTS = 8  # runs of a row that cuDNN's packed attention is given room for
 
 
@@ -42,6 +42,15 @@ def _on_cuda() -> bool:
         return False
 
 
+def causal_block(seq_len: int) -> int:
+    """Query rows per block of ``causal_blocked_attention`` over ``seq_len`` tokens: 128
+    from 512 tokens on (when it divides them), else ``CAUSAL_BLOCK``. Larger blocks mean
+    fewer, larger products but more of the hidden half computed; on a CPU, 128 was the
+    faster train step at 512 tokens and 64 at 256 (docs/performance.md)."""
+    wide = 2 * CAUSAL_BLOCK
+    return wide if seq_len >= 512 and seq_len % wide == 0 else CAUSAL_BLOCK
+
+
 def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal: bool,
                           backend: str | None = None) -> str:
     """How self-attention over ``seq_len`` tokens is computed in training and evaluation:
@@ -50,7 +59,7 @@ def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal
       the causal mask as its mask type, so it skips the blocks the mask hides. Chosen by
       ``model.attention = cudnn``, or by auto on an NVIDIA GPU for bfloat16 with head
       dimensions cuDNN takes (a multiple of 8, at most 128) and no logit bias.
-    - ``xla_blocks``: XLA by blocks of ``CAUSAL_BLOCK`` queries (``causal_blocked_attention``):
+    - ``xla_blocks``: XLA by blocks of ``causal_block(seq_len)`` queries (``causal_blocked_attention``):
       causal attention where XLA computes it on a CPU, with at least two whole blocks.
     - ``xla``: XLA's dense computation under the boolean mask.
 
@@ -342,7 +351,8 @@ class Attention(nn.Module):
             out = cudnn_attention(q, k, v, None if self.cross else segments, self.causal and not self.cross,
                                   1.0 if t5 else head_dim**-0.5, bias, given)
         elif kernel == "xla_blocks":
-            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None)
+            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None,
+                                           block=causal_block(q.shape[1]))
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0 if t5 else None,
                                                implementation="xla")

@@ -192,6 +192,12 @@ def test_importing_t2x_selects_the_cpu_schedule_that_cannot_deadlock():
     assert len(jax.devices()) == 8
 
 
+def test_causal_attention_blocks_widen_from_512_tokens():
+    from t2x.models.attention import causal_block
+
+    assert [causal_block(n) for n in (128, 256, 512, 576, 1024)] == [64, 64, 128, 64, 128]
+
+
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
     """Blocks of queries over the keys up to their last: the same outputs and gradients (the
@@ -261,9 +267,7 @@ def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_referenc
     ("cudnn", "bfloat16", 64, True, True, "gpu", 1024, "cudnn"),
 ])
 def test_self_attention_kernel_choice(attention, dtype, head_dim, bias, causal, backend, seq, expected):
-    from t2x.models.attention import causal_block, self_attention_kernel
-
-    assert [causal_block(n) for n in (128, 256, 512, 576, 1024)] == [64, 64, 128, 64, 128]
+    from t2x.models.attention import self_attention_kernel
 
     cfg = dataclasses.replace(BASE, attention=attention, dtype=dtype, d_model=4 * head_dim, num_heads=4)
     assert cfg.head_size == head_dim

@@ -138,11 +138,12 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
 
 def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
-                             scale: float | None, block: int = CAUSAL_BLOCK) -> jax.Array:
+                             scale: float | None, block: int | None = None) -> jax.Array:
     """``jax.nn.dot_product_attention``'s XLA computation under a causal ``mask``
-    [batch or 1, 1, seq, seq], by blocks of ``block`` queries, each over the keys up to
-    its last query: the keys after it are masked for every query of the block, so their
-    scores, softmax and products (nearly half of the whole) are never computed. The
+    [batch or 1, 1, seq, seq], by blocks of ``block`` queries (default: ``causal_block``
+    of the row's length), each over the keys up to its last query: the keys after it are
+    masked for every query of the block, so their scores, softmax and products (nearly
+    half of the whole) are never computed. The
     result is the full computation's: the skipped keys' weights are exactly 0 there.
 
     Queries, keys and values are laid out [batch, heads, seq, head_dim] once, so that
@@ -161,6 +162,7 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     kv_heads = k.shape[2]
     group = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
+    block = causal_block(seq_len) if block is None else block
     qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, g, seq, d]
     kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, kv, seq, d]
     if bias is not None:
@@ -169,19 +171,16 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, heads, head_dim)
 
 
-def _block_precision(dtype) -> jax.lax.DotAlgorithmPreset | None:
-    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if dtype == jnp.bfloat16 else None
-
-
 def _blocked_attention_fwd(q, k, v, mask, bias, scale, block):
     """Each block's output and probabilities (float32): ``q`` [b, kv, g, seq, d], ``k`` and
     ``v`` [b, kv, seq, d], ``mask`` [b or 1, 1, 1, seq, seq], ``bias`` [b or 1, kv, g, seq, seq]."""
     lowest = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
     outs, probs = [], []
     for start in range(0, q.shape[3], block):
         end = start + block
         logits = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, start:end], k[:, :, :end],
-                            precision=_block_precision(q.dtype), preferred_element_type=jnp.float32)
+                            precision=precision, preferred_element_type=jnp.float32)
         logits = logits * jnp.float32(scale)
         if bias is not None:
             logits = (logits + bias[..., start:end, :end]).astype(jnp.float32)
@@ -351,8 +350,7 @@ class Attention(nn.Module):
             out = cudnn_attention(q, k, v, None if self.cross else segments, self.causal and not self.cross,
                                   1.0 if t5 else head_dim**-0.5, bias, given)
         elif kernel == "xla_blocks":
-            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None,
-                                           block=causal_block(q.shape[1]))
+            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None)
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0 if t5 else None,
                                                implementation="xla")

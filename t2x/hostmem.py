@@ -1,20 +1,29 @@
 """Host memory on CPU-only machines: keep what XLA frees for its next step.
 
-XLA:CPU allocates each step's temporary buffers (hundreds of MB for a small GPT) with
-``malloc`` and frees them when the step ends. glibc serves blocks that large with fresh
-``mmap``s and unmaps them on ``free``, so every step faults its buffers back in page by
-page, each page zeroed by the kernel: on a 2-core CPU about 150,000 page faults and a
-sixth of the step's time. ``keep_freed_memory`` makes glibc keep freed memory in the
-process for reuse: large blocks come from the heap (no ``mmap``), the heap is never
-trimmed, and all threads share the one heap (other threads' arenas would ``mmap`` their
-large blocks regardless). The process keeps its peak memory instead of returning it
-between steps, as tcmalloc or PyTorch's caching allocators do.
+XLA:CPU allocates each step's temporary buffers (hundreds of MB for a small GPT, 3 GB for
+GPT-2 small) as one ``malloc`` and frees it when the step ends. glibc serves blocks that
+large with fresh ``mmap``s and unmaps them on ``free``, so every step faults its buffers
+back in page by page, each page zeroed by the kernel: about half a second per GB on a
+2-core CPU, a sixth of a small GPT's step. ``keep_freed_memory`` makes glibc keep freed
+memory in the process for reuse: large blocks come from the heap (no ``mmap``), the heap
+is never trimmed, and all threads share the one heap (other threads' arenas would
+``mmap`` their large blocks regardless).
+
+It also turns off JAX's asynchronous dispatch on the CPU. With it on, the next step's
+buffers are allocated as soon as the previous step's outputs are ready, often before
+XLA's thread has freed the previous step's: the heap then grows by a step's buffers and
+small allocations split the freed block, so the process grew by one more step's buffers
+every few steps. Run synchronously, each step frees its buffers before the call returns
+and the next step gets the same block back: the process holds its train state, one
+step's buffers and what compiling took, as it does with glibc's defaults at the step's
+peak. The Python loop no longer runs ahead of the step, which on a CPU computes on the
+same cores anyway.
 
 It applies only on glibc and, by default, only where no accelerator plugin is installed
 (an accelerator's step buffers live on the device; a busy input pipeline on a large host
 would contend on one heap). ``T2X_HOST_MALLOC=keep`` applies it anyway, ``=system``
-never. It must run before the threads that allocate the buffers exist, so ``t2x``'s
-command line calls it first.
+never. It must run before the threads that allocate the buffers exist and before JAX
+creates its CPU client, so ``t2x``'s command line calls it first.
 """
 
 from __future__ import annotations
@@ -69,6 +78,12 @@ def keep_freed_memory(choice: str | None = None) -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # A trim threshold of -1 turns trimming off (any positive int stops at 2 GiB, below
+    # GPT-2 small's step buffers).
     _applied = all(mallopt(param, value) == 1 for param, value in
-                   ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+                   ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    if _applied:
+        import jax
+
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     return _applied

@@ -41,9 +41,9 @@ print(json.dumps({"applied": applied, "faults": faults[1] - faults[0]}))
 """
 
 
-def _run(setting: str) -> dict:
+def _run(setting: str, script: str = _ROUNDS) -> dict:
     env = {**os.environ, hostmem.ENV: setting}
-    out = subprocess.run([sys.executable, "-c", _ROUNDS], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -53,6 +53,54 @@ def test_freed_buffers_are_reused_not_faulted_in_again():
     system, kept = _run("system"), _run("keep")
     assert not system["applied"] and kept["applied"]
     assert system["faults"] > pages * 0.9  # glibc unmaps each block on free: every page again
+    assert kept["faults"] < pages * 0.05
+
+
+# Jitted steps dispatched back to back, each one's input the last one's output as in
+# training, each with a 64 MB buffer of its own that lives while it runs: glibc's heap
+# size and the page faults over the last 35 steps.
+_STEPS = """
+import ctypes, json, resource
+from t2x.hostmem import keep_freed_memory
+
+applied = keep_freed_memory()
+import jax
+import jax.numpy as jnp
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+
+@jax.jit
+def step(x):
+    big = jax.lax.optimization_barrier(jnp.outer(x, x) + 1.0)
+    return x + (big @ jnp.tanh(big[:, :512])).sum(1) * 1e-12
+
+x = step(step(jnp.ones(4096))).block_until_ready()
+heaps, faults = [], []
+for i in range(40):
+    if i == 5:
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    x = step(x)
+    heaps.append(libc.mallinfo2().arena)
+x.block_until_ready()
+faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+print(json.dumps({"applied": applied, "heaps": [heaps[4], max(heaps)], "faults": faults[1] - faults[0]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_steps_dispatched_back_to_back_reuse_one_block():
+    """Asynchronous dispatch let the next step allocate before the last one freed: the
+    heap grew and about 100,000 pages were faulted in again (measured); the kept setting
+    runs the steps synchronously."""
+    pages = 35 * (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    kept = _run("keep", _STEPS)
+    assert kept["applied"]
+    assert kept["heaps"][1] == kept["heaps"][0]  # no step's buffers placed beside a live one
     assert kept["faults"] < pages * 0.05
 
 

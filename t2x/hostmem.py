@@ -13,10 +13,10 @@ It also turns off JAX's asynchronous dispatch on the CPU. With it on, the next s
 buffers are allocated as soon as the previous step's outputs are ready, often before
 XLA's thread has freed the previous step's: the heap then grows by a step's buffers and
 small allocations split the freed block, so the process grew by one more step's buffers
-every few steps. Run synchronously, each step frees its buffers before the call returns
-and the next step gets the same block back: the process holds its train state, one
-step's buffers and what compiling took, as it does with glibc's defaults at the step's
-peak. The Python loop no longer runs ahead of the step, which on a CPU computes on the
+every few steps. Run synchronously, a step has nearly always freed its buffers when the
+call returns, and the next step gets the same block back: the process holds its train
+state, one step's buffers and what compiling took, about what it peaks at with glibc's
+defaults. The Python loop no longer runs ahead of the step, which on a CPU computes on the
 same cores anyway.
 
 It applies only on glibc and, by default, only where no accelerator plugin is installed
@@ -32,6 +32,7 @@ import ctypes
 import importlib.util
 import os
 import pkgutil
+import warnings
 
 ENV = "T2X_HOST_MALLOC"
 # glibc's mallopt parameters (malloc.h).
@@ -84,6 +85,11 @@ def keep_freed_memory(choice: str | None = None) -> bool:
                    ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
     if _applied:
         import jax
+        from jax._src import xla_bridge
 
+        if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+            warnings.warn("t2x.hostmem.keep_freed_memory() ran after JAX created its CPU client, so steps stay "
+                          "asynchronous and the kept heap can grow by a step's buffers at a time: call it before any "
+                          f"JAX computation, or set {ENV}=system", RuntimeWarning, stacklevel=2)
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     return _applied

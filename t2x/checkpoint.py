@@ -148,13 +148,16 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-_READER_NOISE = ("Event loop is closed", "Python is likely shutting down")
+_READER_NOISE = ("Event loop is closed", "Python is likely shutting down",
+                 "Encountered error while reading array index")
 
 
 def _quiet_closed_loop_noise() -> None:
     """After a failed read, Orbax's reader threads and coroutines report their event loop
-    closing (and, at exit, the interpreter shutting down) through ``sys.unraisablehook``;
-    the failure itself is reported once, as damage."""
+    closing (and, at exit, the interpreter shutting down) through ``sys.unraisablehook``,
+    and each of the array's other shard reads, closed unfinished once the first failed,
+    reports its own read error with its TensorStore spec; the failure itself is reported
+    once, as damage."""
     previous = sys.unraisablehook
     if getattr(previous, "_t2x", False):
         return

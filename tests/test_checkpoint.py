@@ -1,5 +1,6 @@
 """Orbax checkpoints: restore onto another mesh, atomic saves, retention, checksums and damage."""
 
+import gc
 import glob
 import json
 import os
@@ -101,13 +102,18 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_every_kind_of_damage_is_reported_naming_step_and_item(damage, trained, tmp_path):
+def test_every_kind_of_damage_is_reported_naming_step_and_item(damage, trained, tmp_path, monkeypatch):
     run = copy_of(trained, tmp_path)
     mutate, item, says = DAMAGE[damage]
     mutate(run / "checkpoints" / "4")
+    unraisable = []  # what would reach stderr as "Exception ignored in ..."
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with pytest.raises(DamagedCheckpointError, match=f"checkpoint 4 in .* is damaged: {item}: .*{says}") as info:
         restored(run, "mesh.data=8")
     assert (info.value.step, info.value.item) == (4, item)
+    gc.collect()
+    assert not unraisable, "the damage is reported once, as the error: " + "; ".join(
+        str(u.exc_value)[:100] for u in unraisable)
     restored(run, "mesh.data=8", step=2)  # the older one is intact
 
 

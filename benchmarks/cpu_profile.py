@@ -217,7 +217,7 @@ def table(result: dict) -> str:
     for name, p in sorted(parts.items(), key=lambda kv: -kv[1]["ms"]):
         if p["ms"] < 0.5 and not p["gflop"]:
             continue
-        rate = f"{p['gflop'] / p['ms'] * 1e3:.0f}" if p["gflop"] and p["ms"] else ""
+        rate = f"{p['gflop'] / p['ms'] * 1e3:.0f}" if p["gflop"] >= 0.05 and p["ms"] else ""
         split = (f"{p['forward_ms']:.0f} | {p['backward_ms']:.0f}" if p["forward_ms"] or p["backward_ms"] else " | ")
         rows.append(f"| {name} | {p['ms']:.0f} | {100 * p['ms'] / total:.1f}% | {split} | {p['gflop']:.1f} | {rate} |")
     steps = ", ".join(f"{s:.3f}" for s in result["step_seconds"])

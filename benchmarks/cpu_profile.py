@@ -30,13 +30,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import gzip
 import json
 import math
 import re
 import sys
-import tempfile
 
 from t2x import hostmem
 
@@ -190,24 +188,17 @@ def profile(cfg, steps: int) -> dict:
         raise SystemExit("cpu_profile.py: add model.scan_layers=false: scanned layers run inside an XLA while "
                          "loop whose kernels this script does not attribute (and unrolled is the faster setting "
                          "on a CPU)")
-    import jax
-
     from t2x.bench import StepBench, matmul_peak_flops
 
     bench = StepBench(cfg)
     bench.run(2)
-    folder = tempfile.mkdtemp(prefix="t2x-profile-")
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
-        step_seconds = bench.run(steps)
-    traces = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
-    if not traces:
-        raise SystemExit(f"no perfetto trace under {folder}")
-    with gzip.open(traces[0], "rt") as f:
+    step_seconds, path = bench.trace(steps)
+    with gzip.open(path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     parts = attribute(events, hlo_instructions(bench.compiled.as_text()), steps)
     return {"step_seconds": step_seconds, "xla_matmul_peak_tflops": matmul_peak_flops() / 1e12, "parts": parts,
-            "trace": traces[0]}
+            "trace": path}
 
 
 def table(result: dict) -> str:

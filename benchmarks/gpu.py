@@ -280,24 +280,17 @@ def summarize_trace(path: str, steps: int) -> dict:
 
 def one_profile(name: str, tokenizer: str, extra: list[str], steps: int = 3) -> dict:
     """XLA's profile of ``steps`` train steps of ``BENCHES[name]``, summarized."""
-    import glob
-    import tempfile
-
-    import jax
-
     from t2x.bench import StepBench
 
     cfg, command = _config(name, tokenizer, extra)
     b = StepBench(cfg)
     b.run(3)
-    folder = tempfile.mkdtemp()
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
-        times = b.run(steps)
-    traces = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not traces:
-        return {"what": "profile", "name": name, "error": f"no perfetto trace under {folder}"}
+    try:
+        times, trace = b.trace(steps)
+    except RuntimeError as e:
+        return {"what": "profile", "name": name, "error": str(e)}
     return {"what": "profile", "name": name, "command": command, "step_seconds": times,
-            **summarize_trace(traces[0], steps)}
+            **summarize_trace(trace, steps)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,6 +135,20 @@ class StepBench:
                 self.last_metrics = jax.tree.map(float, jax.device_get(metrics))
         return times
 
+    def trace(self, steps: int) -> tuple[list[float], str]:
+        """``run(steps)`` under XLA's profiler: the steps' seconds and the path of the
+        perfetto trace (``.json.gz``) written to a new temporary folder."""
+        import glob
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="t2x-trace-")
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            times = self.run(steps)
+        traces = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        if not traces:
+            raise RuntimeError(f"XLA's profiler wrote no perfetto trace under {folder}")
+        return times, traces[0]
+
     @property
     def flops_per_step(self) -> float:
         from t2x.flops import training_flops_per_step

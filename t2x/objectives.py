@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t2x.config import ObjectiveConfig
+from t2x.models.layers import sum_last_axis
 
 
 def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
@@ -51,17 +52,15 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 def log_partition(logits: jax.Array) -> jax.Array:
     """``jax.nn.logsumexp(logits, axis=-1)`` of float32 logits. On XLA:CPU the
-    exponentials are summed by a product with a vector of ones: as a reduction, XLA:CPU
-    hands the exponential and the sum to YNNPACK as one fusion that runs at a third of
-    the speed of its own exponential (GPT-2 small: 158 ms a step over the [2048, 50304]
-    logits; docs/performance.md). Elsewhere, the reduction."""
+    exponentials are summed by ``sum_last_axis``'s product with a vector of ones: as a
+    reduction, XLA:CPU hands the exponential and the sum to YNNPACK as one fusion that
+    runs at a third of the speed of its own exponential (GPT-2 small: 158 ms a step over
+    the [2048, 50304] logits; docs/performance.md). Elsewhere, the reduction."""
     if jax.default_backend() != "cpu":
         return jax.nn.logsumexp(logits, axis=-1)
     top = jnp.max(logits, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # as logsumexp: a row of -inf gives -inf
-    ones = jnp.ones(logits.shape[-1], logits.dtype)
-    total = jnp.matmul(jnp.exp(logits - top), ones, precision=jax.lax.Precision.HIGHEST)
-    return jnp.log(total) + top[..., 0]
+    return jnp.log(sum_last_axis(jnp.exp(logits - top))) + top[..., 0]
 
 
 @jax.custom_vjp

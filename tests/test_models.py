@@ -237,6 +237,19 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
     np.testing.assert_allclose(np.asarray(out16, np.float32), expected, atol=3e-2)
 
 
+def test_sum_over_the_last_axis_is_the_float64_sum():
+    """The row sums the attention gradient and the loss take by a product with ones on a
+    CPU: float64 NumPy's sums of rows of mixed signs and magnitudes, to float32 rounding."""
+    from t2x.models.layers import sum_last_axis
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 5, 77)) * np.exp(rng.uniform(-8, 8, size=(2, 3, 5, 1)))
+    got = jax.jit(sum_last_axis)(jnp.asarray(x, jnp.float32))
+    assert got.shape == (2, 3, 5)
+    expected = np.sum(np.asarray(x, np.float32).astype(np.float64), axis=-1)
+    assert np.all(np.abs(np.asarray(got, np.float64) - expected) <= 1e-6 * np.abs(x).sum(-1))  # row by row
+
+
 def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_reference():
     from t2x.models.attention import CAUSAL_BLOCK, self_attention_kernel
 

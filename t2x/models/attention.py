@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from t2x.config import ModelConfig
-from t2x.models.layers import apply_rope, constrain, dense, residual_init_std
+from t2x.models.layers import apply_rope, constrain, dense, residual_init_std, sum_last_axis
 
 
 def attention_mask(segment_ids: jax.Array | None, seq_len: int, causal: bool = True) -> jax.Array:
@@ -208,7 +208,7 @@ def _blocked_attention_bwd(scale, block, residuals, g):
     gives); dQ = scale dS K, dK += scale dS^T Q, the bias's gradient dS."""
     q, k, v, mask, bias, out, probs = residuals
     f32 = jnp.float32
-    delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [b, kv, g, seq, 1]
+    delta = sum_last_axis(g.astype(f32) * out.astype(f32))[..., None]  # [b, kv, g, seq, 1]
     dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
     dbias = None if bias is None else jnp.zeros(bias.shape, f32)
     for i, start in enumerate(range(0, q.shape[3], block)):

@@ -2,6 +2,7 @@
 
 import gc
 import glob
+import inspect
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from t2x.checkpoint import (
     CheckpointError,
     Checkpointer,
     DamagedCheckpointError,
+    _quiet_closed_loop_noise,
     array_checksums,
     steps_to_delete,
 )
@@ -92,7 +94,9 @@ def edit_position(path):
 
 
 DAMAGE = {
-    "flipped bit": (flip_bit, "params", "checksum"),
+    # the flipped byte lies in an array's bytes (its checksum catches it) or in zstd's
+    # framing (the reader does), by how the data file happened to be laid out
+    "flipped bit": (flip_bit, "params", "(checksum|Data corruption detected)"),
     "truncated file": (lambda d: os.truncate(largest_array_file(d, "opt_state"), 100), "opt_state", ""),
     "deleted file": (lambda d: os.remove(largest_array_file(d)), "params", ""),
     "deleted data metadata": (lambda d: os.remove(f"{d}/data/metadata"), "data", "not found"),
@@ -106,6 +110,10 @@ def test_every_kind_of_damage_is_reported_naming_step_and_item(damage, trained, 
     run = copy_of(trained, tmp_path)
     mutate, item, says = DAMAGE[damage]
     mutate(run / "checkpoints" / "4")
+    # Reads an earlier case's damage left unfinished end on Orbax's threads whenever they
+    # end; held here, they cannot reach this case's hook (a process keeps t2x's filter).
+    earlier = [o for o in gc.get_objects() if inspect.iscoroutine(o)]
+    _quiet_closed_loop_noise()  # as a process that met damage has it: under this case's hook, and after it
     unraisable = []  # what would reach stderr as "Exception ignored in ..."
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with pytest.raises(DamagedCheckpointError, match=f"checkpoint 4 in .* is damaged: {item}: .*{says}") as info:
@@ -114,6 +122,7 @@ def test_every_kind_of_damage_is_reported_naming_step_and_item(damage, trained, 
     gc.collect()
     assert not unraisable, "the damage is reported once, as the error: " + "; ".join(
         str(u.exc_value)[:100] for u in unraisable)
+    del earlier
     restored(run, "mesh.data=8", step=2)  # the older one is intact
 
 

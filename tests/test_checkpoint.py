@@ -2,7 +2,6 @@
 
 import gc
 import glob
-import inspect
 import json
 import os
 import shutil
@@ -10,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +112,7 @@ def test_every_kind_of_damage_is_reported_naming_step_and_item(damage, trained, 
     mutate(run / "checkpoints" / "4")
     # Reads an earlier case's damage left unfinished end on Orbax's threads whenever they
     # end; held here, they cannot reach this case's hook (a process keeps t2x's filter).
-    earlier = [o for o in gc.get_objects() if inspect.iscoroutine(o)]
+    earlier = [o for o in gc.get_objects() if type(o) is types.CoroutineType]
     _quiet_closed_loop_noise()  # as a process that met damage has it: under this case's hook, and after it
     unraisable = []  # what would reach stderr as "Exception ignored in ..."
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)

@@ -51,13 +51,11 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 
 
 def log_partition(logits: jax.Array) -> jax.Array:
-    """``jax.nn.logsumexp(logits, axis=-1)`` of float32 logits. On XLA:CPU the
-    exponentials are summed by ``sum_last_axis``'s product with a vector of ones: as a
-    reduction, XLA:CPU hands the exponential and the sum to YNNPACK as one fusion that
-    runs at a third of the speed of its own exponential (GPT-2 small: 158 ms a step over
-    the [2048, 50304] logits; docs/performance.md). Elsewhere, the reduction."""
-    if jax.default_backend() != "cpu":
-        return jax.nn.logsumexp(logits, axis=-1)
+    """``jax.nn.logsumexp(logits, axis=-1)`` of float32 logits, its exponentials summed by
+    ``sum_last_axis`` (on XLA:CPU a product with ones: as a reduction, XLA:CPU hands the
+    exponential and the sum to YNNPACK as one fusion that runs at a third of the speed
+    of its own exponential; GPT-2 small: 158 ms a step over the [2048, 50304] logits;
+    docs/performance.md)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)  # as logsumexp: a row of -inf gives -inf
     return jnp.log(sum_last_axis(jnp.exp(logits - top))) + top[..., 0]

@@ -257,6 +257,7 @@ class TrainConfig:
     dropout_rng: str = "threefry2x32"  # PRNG of dropout's masks: threefry2x32 | rbg | unsafe_rbg (faster on GPU/TPU)
     z_loss: float = 0.0  # coefficient of log(Z)^2
     label_smoothing: float = 0.0  # of each token's target, this much spread evenly over the vocabulary
+    loss_chunk_len: int = 0  # the loss computes the vocabulary logits this many positions of each row at a time (0: all)
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
     max_consecutive_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps in a row
     log_every: int = 10
@@ -275,6 +276,7 @@ class TrainConfig:
         _require(self.z_loss >= 0, "train.z_loss must be >= 0")
         _require(0 <= self.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _require(self.loss_chunk_len >= 0, f"train.loss_chunk_len must be >= 0 (0: no chunks), got {self.loss_chunk_len}")
         _require(self.sample_temperature >= 0, f"train.sample_temperature must be >= 0, got {self.sample_temperature}")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(bool(self.run_dir), "train.run_dir must be set")
@@ -411,6 +413,9 @@ class Config:
         _require(not self.train.sample_tokens or (self.model.family == "decoder" and not self.classify.enabled),
                  "train.sample_tokens: only a decoder language model continues a prompt; set train.sample_tokens=0")
         if self.classify.enabled:
+            _require(not self.train.loss_chunk_len,
+                     "train.loss_chunk_len chunks a language model's vocabulary logits; a classifier's are "
+                     "[batch, labels]: set train.loss_chunk_len=0")
             pooling = self.classify.pooling
             _require(pooling != "cls" or self.model.family == "encoder",
                      "classify.pooling=cls pools an encoder's first ([CLS]) token; a decoder or an encoder-decoder "

@@ -8,13 +8,16 @@ A packed batch holds ``tokens`` [batch, seq] (documents followed by EOS, padded 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from t2x.config import ObjectiveConfig
-from t2x.models.layers import sum_last_axis
+from t2x.models.layers import VocabLogits, constrain, sum_last_axis
 
 
 def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
@@ -83,6 +86,138 @@ def _token_losses_backward(residuals, cotangents):
 
 
 _token_losses.defvjp(_token_losses_forward, _token_losses_backward)
+
+
+def chunked_lm_loss(projection: VocabLogits, targets: jax.Array, weights: jax.Array, scale, *, chunk_len: int,
+                    z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A language model's training loss from ``VocabLogits``, never holding the logits
+    of more than ``chunk_len`` positions of each row at once.
+
+    ``value`` = ``scale`` x sum over tokens of weight x ((1 - e) NLL + e (log Z - mean
+    logit) + ``z_loss`` log(Z)^2), e = ``label_smoothing``: ``make_objective``'s loss.
+    Its gradient is computed in the forward pass, chunk by chunk, as the loss is: each
+    chunk's [batch, chunk_len, vocab] logits give their softmax's gradient at once, which
+    goes into the states' and the projection's gradients by the two backward products and
+    is dropped. The backward pass only scales those gradients, so no logits are kept
+    for it and none computed again: the same products as the whole logits' loss. The
+    last chunk is padded with weight-0 positions where ``chunk_len`` does not divide the
+    rows.
+
+    Args:
+      projection: the model's ``VocabLogits`` ([batch, seq, d_model] states).
+      targets: int [batch, seq] target ids.
+      weights: float32 [batch, seq] token weights (0: not a target).
+      scale: the scalar the weighted sum is multiplied by (1 / tokens, for a mean).
+      chunk_len: positions per chunk.
+
+    Returns:
+      ``(value, nll_sum, z_sum)``: the loss; sum of weight x NLL; sum of weight x
+      log(Z)^2. Only ``value`` is differentiated (the sums' gradients are zero).
+    """
+    pad = -targets.shape[1] % chunk_len
+
+    def padded(x):  # [batch, seq, ...] -> [batch, seq + pad, ...], zeros after
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+
+    value, nll_sum, z_sum = _chunked_loss(projection.replace(hidden=padded(projection.hidden)), padded(targets),
+                                          padded(weights), jnp.asarray(scale, jnp.float32),
+                                          (chunk_len, float(z_loss), float(label_smoothing)))
+    return value, jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum)
+
+
+def _batch_shards(batch: int) -> int:
+    """How many ways the active mesh splits the batch (the ``batch`` logical axis); 1
+    without one, or where it does not divide ``batch``."""
+    axes = nn.logical_to_mesh_axes(("batch",))[0]
+    mesh = jax.sharding.get_abstract_mesh()
+    if axes is None or mesh.empty:
+        return 1
+    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return shards if batch % shards == 0 else 1
+
+
+def _chunk_sums(projection: VocabLogits, targets, weights, scale, settings, with_grads: bool):
+    """(value, nll_sum, z_sum), and with ``with_grads`` the gradient of ``value`` with
+    respect to the hidden states, the projection's weight and its bias.
+
+    Sums over rows are kept per shard of the batch ([shards, ...], each on its devices)
+    and added up after the last chunk: summed in each chunk, a sharded batch's
+    projection gradient would be all-reduced once a chunk instead of once."""
+    chunk_len, z_coef, smoothing = settings
+    hidden, weight, bias, axis = projection.hidden, projection.weight, projection.bias, projection.vocab_axis
+    batch, seq, width = hidden.shape
+    vocab = weight.shape[axis]
+    shards = _batch_shards(batch)
+    rows = batch // shards * chunk_len  # a shard's rows in a chunk
+
+    def chunks(x):  # [batch, seq, ...] -> [count, shards, rows, ...], rows batch-major
+        x = x.reshape(shards, batch // shards, seq // chunk_len, chunk_len, *x.shape[2:])
+        return jnp.moveaxis(x, 2, 0).reshape(seq // chunk_len, shards, rows, *x.shape[4:])
+
+    def body(carry, xs):
+        sums, d_weight, d_bias = carry
+        x, t, w = xs
+        x = constrain(x, ("batch", None, "act_embed"))  # [shards, rows, width]
+        logits = jax.lax.dot_general(x, weight, (((2,), (1 - axis,)), ((), ())), preferred_element_type=jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        logits = constrain(logits, ("batch", None, "act_vocab"))  # [shards, rows, vocab] float32
+        log_z = log_partition(logits)
+        nll = log_z - jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        loss = nll
+        if smoothing:
+            loss = (1 - smoothing) * nll + smoothing * (log_z - sum_last_axis(logits) / vocab)
+        z = jnp.square(log_z)
+        sums = sums + jnp.stack([jnp.sum((loss + z_coef * z) * w, -1), jnp.sum(nll * w, -1), jnp.sum(z * w, -1)], -1)
+        if not with_grads:
+            return (sums, d_weight, d_bias), None
+        # d value / d logits = scale w ((1 + 2 z log Z) softmax - (1 - e) one_hot - e / vocab)
+        coef = (scale * w)[..., None]
+        is_target = jnp.arange(vocab, dtype=jnp.int32) == t[..., None]
+        d_logits = (jnp.exp(logits - log_z[..., None]) * (coef * (1 + 2 * z_coef * log_z[..., None]))
+                    - jnp.where(is_target, coef * (1 - smoothing), 0.0))
+        if smoothing:
+            d_logits = d_logits - coef * (smoothing / vocab)
+        if bias is not None:
+            d_bias = d_bias + jnp.sum(d_logits, axis=1)
+        d_logits = d_logits.astype(hidden.dtype)  # the backward products in the compute dtype
+        d_x = jax.lax.dot_general(d_logits, weight, (((2,), (axis,)), ((), ())))  # [shards, rows, width]
+        operands = (d_logits, x) if axis == 0 else (x, d_logits)
+        d_weight = d_weight + jax.lax.dot_general(*operands, (((1,), (1,)), ((0,), (0,))),
+                                                  preferred_element_type=jnp.float32)  # [shards, *weight.shape]
+        return (sums, d_weight, d_bias), d_x
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (jnp.zeros((shards, 3), jnp.float32), jnp.zeros((shards, *weight.shape), jnp.float32) if with_grads else zero,
+            jnp.zeros((shards, vocab), jnp.float32) if with_grads and bias is not None else zero)
+    (sums, d_weight, d_bias), d_x = jax.lax.scan(body, init, (chunks(hidden), chunks(targets), chunks(weights)))
+    sums = jnp.sum(sums, 0)
+    outputs = (sums[0] * scale, sums[1], sums[2])
+    if not with_grads:
+        return outputs
+    d_x = d_x.reshape(seq // chunk_len, shards, batch // shards, chunk_len, width)
+    d_hidden = jnp.moveaxis(d_x, 0, 2).reshape(batch, seq, width)
+    grads = projection.replace(hidden=d_hidden, weight=jnp.sum(d_weight, 0).astype(weight.dtype),
+                               bias=None if bias is None else jnp.sum(d_bias, 0))
+    return outputs, grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_loss(projection, targets, weights, scale, settings):
+    return _chunk_sums(projection, targets, weights, scale, settings, with_grads=False)
+
+
+def _chunked_loss_forward(projection, targets, weights, scale, settings):
+    outputs, grads = _chunk_sums(projection, targets, weights, scale, settings, with_grads=True)
+    return outputs, grads
+
+
+def _chunked_loss_backward(settings, grads, cotangents):
+    g = cotangents[0]  # the sums' cotangents are zero (stop_gradient in chunked_lm_loss)
+    return jax.tree.map(lambda x: (g * x).astype(x.dtype), grads), None, None, None
+
+
+_chunked_loss.defvjp(_chunked_loss_forward, _chunked_loss_backward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,6 +69,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["model.dropout=1.5"], "model.dropout"),
         (["model.attention=cudnn", "model.dtype=float32"], "model.dtype=bfloat16"),
         (["no_equals_sign"], "key=value"),
+        (["train.loss_chunk_len=-8"], "train.loss_chunk_len"),
+        (["classify.labels=[yes,no]", "data.format=csv", "train.sample_tokens=0", "train.loss_chunk_len=8"], "train.loss_chunk_len=0"),
     ],
 )
 def test_bad_config_fails_at_load_naming_the_key(overrides, names):

@@ -29,6 +29,7 @@ class DecoderLM(nn.Module):
         window: int | None = None,
         last: jax.Array | None = None,
         hidden: bool = False,
+        deferred: bool = False,
     ):
         """Next-token logits.
 
@@ -47,6 +48,8 @@ class DecoderLM(nn.Module):
             size; every position of ``tokens`` must be below it). Default: all.
           last: [batch] index of the one position per row whose logits are computed.
           hidden: return the final-norm hidden states instead of logits.
+          deferred: return the ``VocabLogits`` that make the logits instead (for a loss
+            that computes them a chunk at a time).
 
         Returns:
           float32 logits [batch, seq (1 with ``last``), vocab_size], accumulated in float32
@@ -71,5 +74,5 @@ class DecoderLM(nn.Module):
             return x if cache is None else (x, cache)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
-        logits = output_logits(cfg, x, embed)
+        logits = output_logits(cfg, x, embed, deferred)
         return logits if cache is None else (logits, cache)

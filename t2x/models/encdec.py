@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask, cache_mask, cross_attention_mask
-from t2x.models.layers import compute_dtype, constrain, dense, embedding, norm, output_logits
+from t2x.models.layers import VocabHead, compute_dtype, constrain, embedding, norm, output_logits
 from t2x.models.positions import RelativePositionBias, sinusoidal_positions
 from t2x.models.transformer import BlockStack
 
@@ -119,7 +119,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True)
+            self.lm_head = VocabHead(cfg)
 
     def __call__(
         self,
@@ -130,6 +130,7 @@ class EncoderDecoder(nn.Module):
         encoder_segment_ids: jax.Array | None = None,
         decoder_segment_ids: jax.Array | None = None,
         deterministic: bool = True,
+        deferred: bool = False,
     ) -> jax.Array:
         """Teacher-forced next-token logits of the decoder.
 
@@ -143,13 +144,15 @@ class EncoderDecoder(nn.Module):
           encoder_segment_ids, decoder_segment_ids: [batch, seq] packed pair ids, 0 for
             padding; decoder segment s attends encoder segment s (default: one pair).
           deterministic: disables dropout.
+          deferred: return the ``VocabLogits`` that make the logits instead (for a loss
+            that computes them a chunk at a time).
 
         Returns:
           float32 logits [batch, dec_seq, vocab_size].
         """
         encoded = self.encode(encoder_tokens, encoder_positions, encoder_segment_ids, deterministic)
         return self.decode(encoder_tokens if decoder_tokens is None else decoder_tokens, encoded, encoder_segment_ids,
-                           decoder_positions, decoder_segment_ids, deterministic)
+                           decoder_positions, decoder_segment_ids, deterministic, deferred=deferred)
 
     def encode(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
@@ -169,6 +172,7 @@ class EncoderDecoder(nn.Module):
         rows: jax.Array | None = None,
         window: int | None = None,
         last: jax.Array | None = None,
+        deferred: bool = False,
     ):
         """Next-token logits of decoder ``tokens`` given the encoder's states.
 
@@ -191,6 +195,7 @@ class EncoderDecoder(nn.Module):
           window: with a cache, attend over its first ``window`` self-attention slots only
             (a static size above every position of ``tokens``). Default: all.
           last: [batch] index of the one position per row whose logits are computed.
+          deferred: return the ``VocabLogits`` that make the logits instead.
 
         Returns:
           float32 logits [batch, seq (1 with ``last``), vocab_size]; with a cache,
@@ -203,11 +208,12 @@ class EncoderDecoder(nn.Module):
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [batch, 1, d_model]
         if not cfg.tie_embeddings:
-            logits = constrain(self.lm_head(x), ("batch", "length", "act_vocab"))
+            projection = self.lm_head(x)
         else:
             if cfg.position == "relative":  # T5: the tied table is the input embedding's scale
                 x = x * cfg.d_model**-0.5
-            logits = output_logits(cfg, x, self.embed)
+            projection = output_logits(cfg, x, self.embed, deferred=True)
+        logits = projection if deferred else projection.logits()
         return logits if cache is None else (logits, cache)
 
 

@@ -31,6 +31,7 @@ class EncoderMLM(nn.Module):
         token_types: jax.Array | None = None,
         deterministic: bool = True,
         hidden: bool = False,
+        deferred: bool = False,
     ) -> jax.Array:
         """Masked-LM logits.
 
@@ -42,6 +43,8 @@ class EncoderMLM(nn.Module):
           token_types: [batch, seq] sentence A (0) or B (1) ids (default 0).
           deterministic: disables dropout.
           hidden: return the encoder's output states [batch, seq, d_model] instead.
+          deferred: return the masked-LM head's ``VocabLogits`` (bias included) instead
+            of its logits (for a loss that computes them a chunk at a time).
 
         Returns:
           float32 logits [batch, seq, vocab_size]; with ``next_sentence``, also
@@ -68,12 +71,13 @@ class EncoderMLM(nn.Module):
             return x
         h = dense(cfg, cfg.d_model, ("embed", "embed_out"), name="mlm_dense")(x)
         h = norm(cfg, "mlm_norm")(nn.gelu(h, approximate=cfg.mlp == "gelu"))
-        logits = output_logits(cfg, h, embed)
         bias = self.param("mlm_bias", logical(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), jnp.float32)
+        projection = output_logits(cfg, h, embed, deferred=True).replace(bias=bias)
+        logits = projection if deferred else projection.logits()
         if not self.next_sentence:
-            return logits + bias
+            return logits
         pooled = jnp.tanh(dense(cfg, cfg.d_model, ("embed", "embed_out"), name="pooler")(x))
         pair = dense(cfg, 2, ("embed", None), accumulate_float32=True, name="next_sentence")(pooled)
-        return logits + bias, {"next_sentence": pair}
+        return logits, {"next_sentence": pair}
 

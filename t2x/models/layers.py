@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -291,21 +292,64 @@ def input_embeddings(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array) 
     return x, embed
 
 
-def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed) -> jax.Array:
+@flax.struct.dataclass
+class VocabLogits:
+    """Vocabulary logits not yet computed: the states and the projection that make them.
+
+    ``logits()`` computes them all, [batch, seq, vocab] float32;
+    ``t2x.objectives.chunked_lm_loss`` computes them a chunk of positions at a time.
+
+    Attributes:
+      hidden: [batch, seq, d_model] states, in the compute dtype.
+      weight: the projection in the compute dtype, gathered: the token table [vocab,
+        d_model] (``vocab_axis`` 0) or an untied head's kernel [d_model, vocab] (1).
+      bias: [vocab] float32, added to the logits, or None.
+    """
+
+    hidden: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None = None
+    vocab_axis: int = flax.struct.field(pytree_node=False, default=0)
+
+    def logits(self) -> jax.Array:
+        """float32 [batch, seq, vocab], the product accumulated in float32 (its backward
+        products in the compute dtype: ``float32_dot_general``)."""
+        contract = (self.hidden.ndim - 1,), (1 - self.vocab_axis,)
+        logits = rows_dot(float32_dot_general, self.hidden, self.weight, (contract, ((), ())))
+        if self.bias is not None:
+            logits = logits + self.bias
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class VocabHead(nn.Module):
+    """An untied output projection: ``kernel`` [d_model, vocab], float32, normal init of
+    ``init_std`` (the parameter a bias-free ``dense`` would have). Returns ``VocabLogits``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> VocabLogits:
+        cfg = self.cfg
+        kernel = self.param("kernel", logical(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+                            (x.shape[-1], cfg.vocab_size), jnp.float32)
+        dtype = compute_dtype(cfg)
+        return VocabLogits(x.astype(dtype), gathered(kernel.astype(dtype), ("embed", "vocab")), vocab_axis=1)
+
+
+def output_logits(cfg: ModelConfig, x: jax.Array, embed: nn.Embed, deferred: bool = False) -> jax.Array | VocabLogits:
     """Vocabulary logits of hidden states ``x`` [batch, seq, d_model]: through the token
-    embedding table (tied) or an ``lm_head`` of the calling module.
+    embedding table (tied) or an ``lm_head`` (``VocabHead``) of the calling module.
 
     The projection multiplies compute-dtype operands but accumulates and returns float32:
     logits are never rounded to bfloat16 before the softmax; its backward products run in
-    the compute dtype (``float32_dot_general``).
+    the compute dtype (``float32_dot_general``). With ``deferred``, the ``VocabLogits``
+    that make them instead.
     """
     if cfg.tie_embeddings:
-        table = gathered(embed.embedding.astype(x.dtype), ("vocab", "embed"))  # [vocab, d_model]
-        logits = rows_dot(float32_dot_general, x, table, (((x.ndim - 1,), (1,)), ((), ())))  # [batch, seq, vocab]
+        projection = VocabLogits(x, gathered(embed.embedding.astype(x.dtype), ("vocab", "embed")))  # [vocab, d_model]
     else:
-        logits = dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, accumulate_float32=True,
-                       name="lm_head")(x)
-    return constrain(logits, ("batch", "length", "act_vocab"))  # [batch, seq, vocab] float32
+        projection = VocabHead(cfg, name="lm_head")(x)
+    return projection if deferred else projection.logits()
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from t2x.config import Config
 from t2x.families import data_key
-from t2x.objectives import token_losses
+from t2x.objectives import chunked_lm_loss, token_losses
 from t2x.parallel import batch_sharding, replicated
 from t2x.train.state import TrainState, skipped_updates
 
@@ -33,26 +33,34 @@ def make_objective(model: nn.Module, cfg: Config) -> Callable:
     against the target smoothed as the original Transformer's (1 - e on the target, e
     spread evenly over the vocabulary): (1 - e) NLL + e (log Z - mean logit). ``nll_sum``
     stays the NLL's, so the reported loss is comparable with and without smoothing.
+    With ``train.loss_chunk_len``, the model returns its ``VocabLogits`` and
+    ``chunked_lm_loss`` computes the same loss ``loss_chunk_len`` positions at a time.
     """
     k = cfg.train.grad_accum_steps
     z_coef = cfg.train.z_loss
     smoothing = cfg.train.label_smoothing
     use_dropout = cfg.model.dropout > 0
+    chunk_len = cfg.train.loss_chunk_len
 
     def objective(params, example, total_weight, rng):
+        deferred = {"deferred": True} if chunk_len else {}
         outputs = model.apply(
-            {"params": params}, **example["model"], deterministic=not use_dropout, rngs={"dropout": rng}
+            {"params": params}, **example["model"], deterministic=not use_dropout, rngs={"dropout": rng}, **deferred
         )
         logits, heads = outputs if isinstance(outputs, tuple) else (outputs, {})
-        nll, log_z = token_losses(logits, example["targets"])
         weights = example["weights"]
-        nll_sum = jnp.sum(nll * weights)
-        z_sum = jnp.sum(jnp.square(log_z) * weights)
-        loss_sum = nll_sum
-        if smoothing:
-            uniform = log_z - jnp.mean(logits.astype(jnp.float32), axis=-1)  # cross-entropy against uniform
-            loss_sum = jnp.sum(((1 - smoothing) * nll + smoothing * uniform) * weights)
-        value = (loss_sum + z_coef * z_sum) * (k / total_weight)
+        if chunk_len:  # logits: the model's VocabLogits
+            value, nll_sum, z_sum = chunked_lm_loss(logits, example["targets"], weights, k / total_weight,
+                                                    chunk_len=chunk_len, z_loss=z_coef, label_smoothing=smoothing)
+        else:
+            nll, log_z = token_losses(logits, example["targets"])
+            nll_sum = jnp.sum(nll * weights)
+            z_sum = jnp.sum(jnp.square(log_z) * weights)
+            loss_sum = nll_sum
+            if smoothing:
+                uniform = log_z - jnp.mean(logits.astype(jnp.float32), axis=-1)  # cross-entropy against uniform
+                loss_sum = jnp.sum(((1 - smoothing) * nll + smoothing * uniform) * weights)
+            value = (loss_sum + z_coef * z_sum) * (k / total_weight)
         head_sums = {}
         for name, head_logits in heads.items():
             head = example["heads"][name]

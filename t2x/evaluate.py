@@ -36,14 +36,17 @@ log = logging.getLogger(__name__)
 def make_eval_step(model: nn.Module, cfg: Config, tokenizer: Tokenizer) -> Callable[[dict, dict, jax.Array], dict]:
     """``step(params, batch, index) -> sums`` over the batch, the family's eval sums
     (``Family.eval_sums``). The objective's draws (masks) come from
-    ``objective.eval_seed`` and the batch's index, so every evaluation draws the same."""
+    ``objective.eval_seed`` and the batch's index, so every evaluation draws the same.
+    With ``train.loss_chunk_len``, the model returns its ``VocabLogits`` and the sums
+    compute the logits that many positions at a time, as the train step's loss does."""
     fam = task(cfg)
     objective, batch_sums = fam.objective(cfg, tokenizer), fam.eval_sums(cfg, tokenizer)
     key = jax.random.key(cfg.objective.eval_seed)
 
     def step(params, batch, index):
         example = objective(batch, jax.random.fold_in(key, index))
-        logits = model.apply({"params": params}, **example["model"], deterministic=True)
+        deferred = {"deferred": True} if cfg.train.loss_chunk_len else {}
+        logits = model.apply({"params": params}, **example["model"], deterministic=True, **deferred)
         return batch_sums(logits, example, batch)
 
     return step

@@ -36,7 +36,8 @@ from t2x.models.encdec import EncoderDecoder
 from t2x.models.encoder import EncoderMLM
 from t2x.data.sentence_pairs import SENTENCE_PAIRS
 from t2x.data.span_corruption import SpanCorruption, corrupted_lengths, pack_pairs, raw_length
-from t2x.objectives import MaskingTokens, causal_lm, masked_lm, sequence_to_sequence, token_losses
+from t2x.models.layers import VocabLogits
+from t2x.objectives import MaskingTokens, causal_lm, masked_lm, sequence_to_sequence, token_losses, token_predictions
 
 Batch = dict[str, Any]
 
@@ -77,7 +78,7 @@ def _next_token_sums(cfg: Config, tokenizer: Tokenizer):
     eos_id = tokenizer.eos_id
 
     def sums(logits, example, batch):
-        nll, _ = token_losses(logits, example["targets"])
+        nll, _ = token_predictions(logits, example["targets"], cfg.train.loss_chunk_len)
         real = batch["segment_ids"] > 0
         return {
             "nll_sum": jnp.sum(nll * example["weights"]),
@@ -151,7 +152,7 @@ def _next_sentence_sums(cfg: Config, tokenizer: Tokenizer):
     def sums(outputs, example, batch):
         logits, heads = outputs
         head = example["heads"]["next_sentence"]
-        return {**prediction_sums(logits, example["targets"], example["weights"]),
+        return {**prediction_sums(logits, example["targets"], example["weights"], chunk_len=cfg.train.loss_chunk_len),
                 **prediction_sums(heads["next_sentence"], head["targets"], head["weights"], "pair_")}
 
     return sums
@@ -167,21 +168,24 @@ def _next_sentence_summary(sums: dict) -> dict:
     }
 
 
-def prediction_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, prefix: str = "") -> dict:
-    """Over the predictions of weight 1: NLL sum, count and how many were exact."""
-    nll, _ = token_losses(logits, targets)
+def prediction_sums(logits: jax.Array | VocabLogits, targets: jax.Array, weights: jax.Array, prefix: str = "",
+                    chunk_len: int = 0) -> dict:
+    """Over the predictions of weight 1: NLL sum, count and how many were exact (the
+    logits computed ``chunk_len`` positions at a time: ``token_predictions``)."""
+    nll, predicted = token_predictions(logits, targets, chunk_len)
     chosen = weights > 0
     return {
         f"{prefix}nll_sum": jnp.sum(nll * weights),
         f"{prefix}tokens": jnp.sum(chosen, dtype=jnp.int32),
-        f"{prefix}correct": jnp.sum(chosen & (jnp.argmax(logits, -1) == targets), dtype=jnp.int32),
+        f"{prefix}correct": jnp.sum(chosen & (predicted == targets), dtype=jnp.int32),
     }
 
 
 def _weighted_token_sums(cfg: Config, tokenizer: Tokenizer):
     """Sums over the tokens of weight 1: the masked ones of an encoder, the targets of an
     encoder-decoder."""
-    return lambda logits, example, batch: prediction_sums(logits, example["targets"], example["weights"])
+    return lambda logits, example, batch: prediction_sums(logits, example["targets"], example["weights"],
+                                                          chunk_len=cfg.train.loss_chunk_len)
 
 
 def _predicted_token_summary(sums: dict) -> dict:

@@ -53,6 +53,32 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return _token_losses(logits.astype(jnp.float32), targets)
 
 
+def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
+                      chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Each position's NLL of its target (float32 [batch, seq]) and its most likely id
+    ([batch, seq]), from logits or from ``VocabLogits``; with ``chunk_len``, computed
+    ``chunk_len`` positions of each row at a time (a last, short chunk padded), never
+    holding the whole batch's logits."""
+    if not isinstance(logits, VocabLogits):
+        return token_losses(logits, targets)[0], jnp.argmax(logits, -1)
+    if not chunk_len:
+        return token_predictions(logits.logits(), targets)
+    batch, seq = targets.shape
+    pad = -seq % chunk_len
+
+    def chunks(x):  # [batch, seq, ...] -> [count, batch, chunk_len, ...], padded
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+        return jnp.moveaxis(x.reshape(batch, -1, chunk_len, *x.shape[2:]), 1, 0)
+
+    def body(_, xs):
+        hidden, chunk_targets = xs
+        return None, token_predictions(logits.replace(hidden=hidden).logits(), chunk_targets)
+
+    _, (nll, predicted) = jax.lax.scan(body, None, (chunks(logits.hidden), chunks(targets)))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :seq]  # noqa: E731
+    return unchunk(nll), unchunk(predicted)
+
+
 def log_partition(logits: jax.Array) -> jax.Array:
     """``jax.nn.logsumexp(logits, axis=-1)`` of float32 logits, its exponentials summed by
     ``sum_last_axis`` (on XLA:CPU a product with ones: as a reduction, XLA:CPU hands the

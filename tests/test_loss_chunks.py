@@ -10,8 +10,11 @@ import pytest
 
 from conftest import tiny_config
 from t2x.bench import StepBench
+from t2x.components import build
+from t2x.evaluate import make_eval_step
 from t2x.models.layers import VocabLogits
-from t2x.objectives import chunked_lm_loss, token_losses
+from t2x.objectives import chunked_lm_loss, token_losses, token_predictions
+from t2x.parallel import sharding_context
 from test_encoder import encoder_config
 from test_seq2seq import seq2seq_config
 
@@ -63,7 +66,7 @@ def test_chunked_lm_loss_matches_float64_and_autodiff_of_the_whole_logits(vocab_
     assert float(value16) == pytest.approx(float(value), rel=2e-2)
 
 
-def test_chunked_lm_loss_never_holds_the_whole_logits():
+def test_the_loss_and_evaluation_by_chunks_never_hold_the_whole_logits():
     batch, seq, width, vocab = 4, 64, 32, 4096
     logits_bytes = batch * seq * vocab * 4
     args = (jnp.ones((batch, seq, width)), jnp.ones((vocab, width)), jnp.zeros((batch, seq), jnp.int32),
@@ -81,6 +84,13 @@ def test_chunked_lm_loss_never_holds_the_whole_logits():
 
     assert temporary_bytes(whole) >= logits_bytes  # the logits and their gradient, [batch, seq, vocab] each
     assert temporary_bytes(chunked) < logits_bytes / 2  # a chunk's: an eighth of them
+
+    def evaluation_bytes(chunk_len):  # evaluation's per-token NLL and prediction
+        sums = lambda h, w, t, weights: token_predictions(VocabLogits(h, w), t, chunk_len)  # noqa: E731
+        return jax.jit(sums).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    assert evaluation_bytes(0) >= logits_bytes
+    assert evaluation_bytes(8) < logits_bytes / 2
 
 
 LOSS_CHUNK_RUNS = {
@@ -118,3 +128,21 @@ def test_a_data_parallel_step_sums_the_projection_gradient_over_devices_once(tmp
     collective = r"\b(all-reduce|reduce-scatter|all-gather)(-start)?\("
     assert not any(re.search(collective, body) for body in bodies)
     assert re.search(collective, hlo)  # the gradients are summed over the 8 devices, after the loop
+
+
+@pytest.mark.parametrize("run", list(LOSS_CHUNK_RUNS))
+def test_evaluation_by_chunks_sums_as_the_whole_logits(tmp_path, run):
+    """The eval step's sums (NLL, tokens, exact predictions) with the logits computed 12
+    positions at a time equal the whole logits' on a sharded mesh."""
+    make, overrides = LOSS_CHUNK_RUNS[run]
+    sums = {}
+    for chunk_len in (0, 12):
+        cfg = make(tmp_path, *overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"train.loss_chunk_len={chunk_len}")
+        bench = StepBench(cfg, batches=1)
+        with sharding_context(bench.mesh):
+            step = jax.jit(make_eval_step(bench.model, cfg, build(cfg).tokenizer))
+            sums[chunk_len] = jax.device_get(step(bench.state.params, bench.device_batches[0], jnp.int32(0)))
+    assert sums[0].keys() == sums[12].keys()
+    for key, whole in sums[0].items():
+        assert sums[12][key] == pytest.approx(whole, rel=1e-6), key
+    assert sums[0]["tokens"] > 0

@@ -102,6 +102,8 @@ LEVERS = {
     "eigen_dots": Lever("XLA's Eigen matmuls instead of YNNPACK dot fusions",
                         env_after={"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}),
     "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
+    "loss_chunks": Lever("the loss's logits 64 positions of each row at a time (`train.loss_chunk_len=64`), never the "
+                         "whole batch's", after=("train.loss_chunk_len=64",)),
 }
 
 

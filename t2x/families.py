@@ -52,7 +52,9 @@ class Family:
         documents become them.
       objective: ``(cfg, tokenizer) -> fn(batch, rng) -> example``, the example holding
         ``model`` (keyword inputs), ``targets`` and ``weights``.
-      eval_sums: ``(cfg, tokenizer) -> fn(logits, example, batch) -> sums`` of one batch.
+      eval_sums: ``(cfg, tokenizer) -> fn(outputs, example, batch) -> sums`` of one batch
+        (``outputs``: the model's; its logits as ``VocabLogits`` under
+        ``train.loss_chunk_len``).
       summarize: host-side sums over a split -> metrics.
       reserved_ids: ``(cfg, tokenizer) -> ids`` past the tokenizer's vocabulary that
         the objective uses (a mask token the tokenizer lacks, sentinels); the model's
@@ -77,8 +79,8 @@ def _causal_lm(cfg: Config, tokenizer: Tokenizer):
 def _next_token_sums(cfg: Config, tokenizer: Tokenizer):
     eos_id = tokenizer.eos_id
 
-    def sums(logits, example, batch):
-        nll, _ = token_predictions(logits, example["targets"], cfg.train.loss_chunk_len)
+    def sums(outputs, example, batch):
+        nll, _ = token_predictions(outputs, example["targets"], cfg.train.loss_chunk_len)
         real = batch["segment_ids"] > 0
         return {
             "nll_sum": jnp.sum(nll * example["weights"]),
@@ -184,8 +186,8 @@ def prediction_sums(logits: jax.Array | VocabLogits, targets: jax.Array, weights
 def _weighted_token_sums(cfg: Config, tokenizer: Tokenizer):
     """Sums over the tokens of weight 1: the masked ones of an encoder, the targets of an
     encoder-decoder."""
-    return lambda logits, example, batch: prediction_sums(logits, example["targets"], example["weights"],
-                                                          chunk_len=cfg.train.loss_chunk_len)
+    return lambda outputs, example, batch: prediction_sums(outputs, example["targets"], example["weights"],
+                                                           chunk_len=cfg.train.loss_chunk_len)
 
 
 def _predicted_token_summary(sums: dict) -> dict:

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from t2x.config import ObjectiveConfig
 from t2x.models.layers import VocabLogits, constrain, sum_last_axis
+from t2x.parallel.sharding import batch_shards
 
 
 def causal_lm(batch: dict[str, jax.Array], bos_id: int) -> dict[str, jax.Array]:
@@ -64,19 +63,39 @@ def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
     if not chunk_len:
         return token_predictions(logits.logits(), targets)
     batch, seq = targets.shape
-    pad = -seq % chunk_len
-
-    def chunks(x):  # [batch, seq, ...] -> [count, batch, chunk_len, ...], padded
-        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
-        return jnp.moveaxis(x.reshape(batch, -1, chunk_len, *x.shape[2:]), 1, 0)
 
     def body(_, xs):
-        hidden, chunk_targets = xs
+        hidden, chunk_targets = xs  # [batch, chunk_len, ...]
         return None, token_predictions(logits.replace(hidden=hidden).logits(), chunk_targets)
 
-    _, (nll, predicted) = jax.lax.scan(body, None, (chunks(logits.hidden), chunks(targets)))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :seq]  # noqa: E731
-    return unchunk(nll), unchunk(predicted)
+    _, outputs = jax.lax.scan(body, None, (_chunked(logits.hidden, chunk_len, batch),
+                                           _chunked(targets, chunk_len, batch)))
+    return tuple(_unchunked(x, batch, seq) for x in outputs)
+
+
+def _chunked(x: jax.Array, chunk_len: int, groups: int) -> jax.Array:
+    """[batch, seq, ...] -> [chunks, groups, batch / groups x chunk_len, ...]: the
+    sequence cut into chunks (the last padded with zeros), and each chunk's positions in
+    ``groups`` groups of whole rows, row by row."""
+    batch, seq = x.shape[:2]
+    pad = -seq % chunk_len
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+    x = x.reshape(groups, batch // groups, (seq + pad) // chunk_len, chunk_len, *x.shape[2:])
+    return jnp.moveaxis(x, 2, 0).reshape((seq + pad) // chunk_len, groups, -1, *x.shape[4:])
+
+
+def _unchunked(x: jax.Array, batch: int, seq: int) -> jax.Array:
+    """``_chunked``'s inverse: [chunks, groups, rows, ...] -> [batch, seq, ...]."""
+    chunks, groups = x.shape[:2]
+    x = x.reshape(chunks, groups, batch // groups, -1, *x.shape[3:])  # [chunks, groups, rows of a group, chunk_len, ...]
+    return jnp.moveaxis(x, 0, 2).reshape(batch, -1, *x.shape[4:])[:, :seq]
+
+
+def smoothed_nll(nll: jax.Array, log_z: jax.Array, mean_logit: jax.Array, smoothing: float) -> jax.Array:
+    """Each token's cross-entropy against its target smoothed as the original
+    Transformer's (1 - e on the target, e = ``smoothing`` spread evenly over the
+    vocabulary): (1 - e) NLL + e (log Z - mean logit)."""
+    return (1 - smoothing) * nll + smoothing * (log_z - mean_logit) if smoothing else nll
 
 
 def log_partition(logits: jax.Array) -> jax.Array:
@@ -114,7 +133,8 @@ def _token_losses_backward(residuals, cotangents):
 _token_losses.defvjp(_token_losses_forward, _token_losses_backward)
 
 
-def chunked_lm_loss(projection: VocabLogits, targets: jax.Array, weights: jax.Array, scale, *, chunk_len: int,
+def chunked_lm_loss(projection: VocabLogits, targets: jax.Array, weights: jax.Array, scale: float | jax.Array, *,
+                    chunk_len: int,
                     z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A language model's training loss from ``VocabLogits``, never holding the logits
     of more than ``chunk_len`` positions of each row at once.
@@ -138,28 +158,13 @@ def chunked_lm_loss(projection: VocabLogits, targets: jax.Array, weights: jax.Ar
 
     Returns:
       ``(value, nll_sum, z_sum)``: the loss; sum of weight x NLL; sum of weight x
-      log(Z)^2. Only ``value`` is differentiated (the sums' gradients are zero).
+      log(Z)^2. Only ``value`` is differentiated, and only with respect to
+      ``projection`` (the sums, ``weights`` and ``scale`` are constants to autodiff).
     """
-    pad = -targets.shape[1] % chunk_len
-
-    def padded(x):  # [batch, seq, ...] -> [batch, seq + pad, ...], zeros after
-        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
-
-    value, nll_sum, z_sum = _chunked_loss(projection.replace(hidden=padded(projection.hidden)), padded(targets),
-                                          padded(weights), jnp.asarray(scale, jnp.float32),
+    value, nll_sum, z_sum = _chunked_loss(projection, targets, jax.lax.stop_gradient(weights),
+                                          jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32)),
                                           (chunk_len, float(z_loss), float(label_smoothing)))
     return value, jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum)
-
-
-def _batch_shards(batch: int) -> int:
-    """How many ways the active mesh splits the batch (the ``batch`` logical axis); 1
-    without one, or where it does not divide ``batch``."""
-    axes = nn.logical_to_mesh_axes(("batch",))[0]
-    mesh = jax.sharding.get_abstract_mesh()
-    if axes is None or mesh.empty:
-        return 1
-    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    return shards if batch % shards == 0 else 1
 
 
 def _chunk_sums(projection: VocabLogits, targets, weights, scale, settings, with_grads: bool):
@@ -173,26 +178,21 @@ def _chunk_sums(projection: VocabLogits, targets, weights, scale, settings, with
     hidden, weight, bias, axis = projection.hidden, projection.weight, projection.bias, projection.vocab_axis
     batch, seq, width = hidden.shape
     vocab = weight.shape[axis]
-    shards = _batch_shards(batch)
-    rows = batch // shards * chunk_len  # a shard's rows in a chunk
-
-    def chunks(x):  # [batch, seq, ...] -> [count, shards, rows, ...], rows batch-major
-        x = x.reshape(shards, batch // shards, seq // chunk_len, chunk_len, *x.shape[2:])
-        return jnp.moveaxis(x, 2, 0).reshape(seq // chunk_len, shards, rows, *x.shape[4:])
+    shards = batch_shards(batch)
+    by_shard = "batch" if shards > 1 else None  # the [shards] axis, over the batch's mesh axes
+    weight_axes = (by_shard, "vocab", None) if axis == 0 else (by_shard, None, "vocab")
 
     def body(carry, xs):
         sums, d_weight, d_bias = carry
         x, t, w = xs
-        x = constrain(x, ("batch", None, "act_embed"))  # [shards, rows, width]
+        x = constrain(x, (by_shard, None, "act_embed"))  # [shards, rows, width]
         logits = jax.lax.dot_general(x, weight, (((2,), (1 - axis,)), ((), ())), preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias
-        logits = constrain(logits, ("batch", None, "act_vocab"))  # [shards, rows, vocab] float32
+        logits = constrain(logits, (by_shard, None, "act_vocab"))  # [shards, rows, vocab] float32
         log_z = log_partition(logits)
         nll = log_z - jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        loss = nll
-        if smoothing:
-            loss = (1 - smoothing) * nll + smoothing * (log_z - sum_last_axis(logits) / vocab)
+        loss = smoothed_nll(nll, log_z, sum_last_axis(logits) / vocab if smoothing else 0.0, smoothing)
         z = jnp.square(log_z)
         sums = sums + jnp.stack([jnp.sum((loss + z_coef * z) * w, -1), jnp.sum(nll * w, -1), jnp.sum(z * w, -1)], -1)
         if not with_grads:
@@ -205,25 +205,29 @@ def _chunk_sums(projection: VocabLogits, targets, weights, scale, settings, with
         if smoothing:
             d_logits = d_logits - coef * (smoothing / vocab)
         if bias is not None:
-            d_bias = d_bias + jnp.sum(d_logits, axis=1)
+            d_bias = constrain(d_bias + jnp.sum(d_logits, axis=1), (by_shard, "vocab"))
         d_logits = d_logits.astype(hidden.dtype)  # the backward products in the compute dtype
-        d_x = jax.lax.dot_general(d_logits, weight, (((2,), (axis,)), ((), ())))  # [shards, rows, width]
+        d_x = constrain(jax.lax.dot_general(d_logits, weight, (((2,), (axis,)), ((), ()))),
+                        (by_shard, None, "act_embed"))  # [shards, rows, width]
         operands = (d_logits, x) if axis == 0 else (x, d_logits)
         d_weight = d_weight + jax.lax.dot_general(*operands, (((1,), (1,)), ((0,), (0,))),
-                                                  preferred_element_type=jnp.float32)  # [shards, *weight.shape]
-        return (sums, d_weight, d_bias), d_x
+                                                  preferred_element_type=jnp.float32)
+        return (sums, constrain(d_weight, weight_axes), d_bias), d_x  # d_weight: [shards, *weight.shape]
 
     zero = jnp.zeros((), jnp.float32)
-    init = (jnp.zeros((shards, 3), jnp.float32), jnp.zeros((shards, *weight.shape), jnp.float32) if with_grads else zero,
-            jnp.zeros((shards, vocab), jnp.float32) if with_grads and bias is not None else zero)
-    (sums, d_weight, d_bias), d_x = jax.lax.scan(body, init, (chunks(hidden), chunks(targets), chunks(weights)))
+    init = (jnp.zeros((shards, 3), jnp.float32),
+            constrain(jnp.zeros((shards, *weight.shape), jnp.float32), weight_axes) if with_grads else zero,
+            constrain(jnp.zeros((shards, vocab), jnp.float32), (by_shard, "vocab")) if with_grads and bias is not None
+            else zero)
+    xs = tuple(_chunked(x, chunk_len, shards) for x in (hidden, targets, weights))  # padded with weight 0
+    (sums, d_weight, d_bias), d_x = jax.lax.scan(body, init, xs)
     sums = jnp.sum(sums, 0)
     outputs = (sums[0] * scale, sums[1], sums[2])
     if not with_grads:
         return outputs
-    d_x = d_x.reshape(seq // chunk_len, shards, batch // shards, chunk_len, width)
-    d_hidden = jnp.moveaxis(d_x, 0, 2).reshape(batch, seq, width)
-    grads = projection.replace(hidden=d_hidden, weight=jnp.sum(d_weight, 0).astype(weight.dtype),
+    # The shards' gradients added up in the weight's dtype (bfloat16 under bfloat16), as
+    # the whole logits' backward product would give it.
+    grads = projection.replace(hidden=_unchunked(d_x, batch, seq), weight=jnp.sum(d_weight.astype(weight.dtype), 0),
                                bias=None if bias is None else jnp.sum(d_bias, 0))
     return outputs, grads
 

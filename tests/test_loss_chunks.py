@@ -14,7 +14,8 @@ from t2x.components import build
 from t2x.evaluate import make_eval_step
 from t2x.models.layers import VocabLogits
 from t2x.objectives import chunked_lm_loss, token_losses, token_predictions
-from t2x.parallel import sharding_context
+from t2x.config import MeshConfig
+from t2x.parallel import make_mesh, sharding_context
 from test_encoder import encoder_config
 from test_seq2seq import seq2seq_config
 
@@ -58,12 +59,24 @@ def test_chunked_lm_loss_matches_float64_and_autodiff_of_the_whole_logits(vocab_
         grads = vjp((jnp.float32(2.0), jnp.float32(0), jnp.float32(0)))
         for got, want in zip(grads, expected):
             np.testing.assert_allclose(got, 2 * np.asarray(want), rtol=1e-4, atol=1e-6)
-    # bfloat16 states and projection: float32 logits and sums, gradients in bfloat16
-    (value16, _, _), vjp16 = jax.vjp(lambda h, w: chunked(h, w, args[2], 4), args[0].astype(jnp.bfloat16),
-                                     args[1].astype(jnp.bfloat16))
-    d_hidden16, d_weight16 = vjp16((jnp.float32(1.0), jnp.float32(0), jnp.float32(0)))
-    assert value16.dtype == jnp.float32 and d_hidden16.dtype == d_weight16.dtype == jnp.bfloat16
-    assert float(value16) == pytest.approx(float(value), rel=2e-2)
+    # bfloat16 states and projection: float32 logits and sums, gradients in bfloat16 and
+    # as the whole logits' (float32_dot_general: its backward products in bfloat16)
+    args16 = (args[0].astype(jnp.bfloat16), args[1].astype(jnp.bfloat16), args[2])
+    (value16, _, _), vjp16 = jax.vjp(lambda h, w, b: chunked(h, w, b, 4), *args16)
+    grads16 = vjp16((jnp.float32(1.0), jnp.float32(0), jnp.float32(0)))
+    expected16 = jax.grad(whole, argnums=(0, 1, 2))(*args16)
+    assert value16.dtype == jnp.float32 and grads16[0].dtype == grads16[1].dtype == jnp.bfloat16
+    assert float(value16) == pytest.approx(float(whole(*args16)), rel=1e-5)
+    for got, want in zip(grads16, expected16):
+        assert got.dtype == want.dtype
+        want = np.asarray(want, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+    # on a mesh that does not divide the batch (3 rows, 4 batch shards): summed over all rows, the same
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
+    with sharding_context(mesh):
+        got = jax.jit(jax.grad(lambda h, w, b: chunked(h, w, b, 4)[0], argnums=(0, 1, 2)))(*args)
+    for g, want in zip(got, expected):
+        np.testing.assert_allclose(g, np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
 def test_the_loss_and_evaluation_by_chunks_never_hold_the_whole_logits():
@@ -94,8 +107,8 @@ def test_the_loss_and_evaluation_by_chunks_never_hold_the_whole_logits():
 
 
 LOSS_CHUNK_RUNS = {
-    "decoder, z-loss, smoothing, untied": (tiny_config, ["train.z_loss=0.1", "train.label_smoothing=0.1",
-                                                        "model.tie_embeddings=false"]),
+    "decoder, z-loss, smoothing, untied, 2 micro-batches": (tiny_config, [
+        "train.z_loss=0.1", "train.label_smoothing=0.1", "model.tie_embeddings=false", "train.grad_accum_steps=2"]),
     "encoder (MLM bias), next sentence": (encoder_config, ["objective.next_sentence=true", "model.type_vocab_size=2"]),
     "encoder-decoder (T5: scaled, tied)": (seq2seq_config, []),
 }

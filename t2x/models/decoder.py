@@ -54,7 +54,7 @@ class DecoderLM(nn.Module):
         Returns:
           float32 logits [batch, seq (1 with ``last``), vocab_size], accumulated in float32
           whatever the compute dtype (or hidden states [batch, seq, d_model] in the compute
-          dtype); with a cache, (that, the updated cache).
+          dtype, or ``VocabLogits``); with a cache, (that, the updated cache).
         """
         cfg = self.cfg
         seq_len = tokens.shape[1]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask, cache_mask, cross_attention_mask
-from t2x.models.layers import VocabHead, compute_dtype, constrain, embedding, norm, output_logits
+from t2x.models.layers import VocabHead, VocabLogits, compute_dtype, constrain, embedding, norm, output_logits
 from t2x.models.positions import RelativePositionBias, sinusoidal_positions
 from t2x.models.transformer import BlockStack
 
@@ -131,7 +131,7 @@ class EncoderDecoder(nn.Module):
         decoder_segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         deferred: bool = False,
-    ) -> jax.Array:
+    ) -> jax.Array | VocabLogits:
         """Teacher-forced next-token logits of the decoder.
 
         Args:
@@ -148,7 +148,7 @@ class EncoderDecoder(nn.Module):
             that computes them a chunk at a time).
 
         Returns:
-          float32 logits [batch, dec_seq, vocab_size].
+          float32 logits [batch, dec_seq, vocab_size] (``VocabLogits`` with ``deferred``).
         """
         encoded = self.encode(encoder_tokens, encoder_positions, encoder_segment_ids, deterministic)
         return self.decode(encoder_tokens if decoder_tokens is None else decoder_tokens, encoded, encoder_segment_ids,
@@ -198,8 +198,8 @@ class EncoderDecoder(nn.Module):
           deferred: return the ``VocabLogits`` that make the logits instead.
 
         Returns:
-          float32 logits [batch, seq (1 with ``last``), vocab_size]; with a cache,
-          (logits, the updated cache).
+          float32 logits [batch, seq (1 with ``last``), vocab_size] (``VocabLogits`` with
+          ``deferred``); with a cache, (logits, the updated cache).
         """
         cfg = self.cfg
         out = self.decoder(self.embed(tokens), _default_positions(tokens, positions), segment_ids, encoded,

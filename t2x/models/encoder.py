@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from t2x.config import ModelConfig
 from t2x.models.attention import attention_mask
-from t2x.models.layers import constrain, dense, embedding, input_embeddings, logical, norm, output_logits
+from t2x.models.layers import VocabLogits, constrain, dense, embedding, input_embeddings, logical, norm, output_logits
 from t2x.models.transformer import BlockStack
 
 
@@ -32,7 +32,7 @@ class EncoderMLM(nn.Module):
         deterministic: bool = True,
         hidden: bool = False,
         deferred: bool = False,
-    ) -> jax.Array:
+    ) -> jax.Array | VocabLogits | tuple:
         """Masked-LM logits.
 
         Args:
@@ -47,7 +47,8 @@ class EncoderMLM(nn.Module):
             of its logits (for a loss that computes them a chunk at a time).
 
         Returns:
-          float32 logits [batch, seq, vocab_size]; with ``next_sentence``, also
+          float32 logits [batch, seq, vocab_size] (``VocabLogits`` with ``deferred``); with
+          ``next_sentence``, also
           ``{"next_sentence": float32 [batch, seq, 2]}``: at a pair's first token ([CLS]),
           the logits of "B follows A" (0) and "B is random" (1).
         """

@@ -61,6 +61,17 @@ def sharding_context(mesh: Mesh, rules=LOGICAL_RULES):
             yield
 
 
+def batch_shards(batch: int) -> int:
+    """How many ways the active mesh (``sharding_context``) splits the ``batch`` logical
+    axis: the product of its mesh axes' sizes; 1 outside a mesh, or where that does not
+    divide ``batch``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shards = _axis_size(mesh, nn.logical_to_mesh_axes(("batch",))[0])
+    return shards if batch % shards == 0 else 1
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
     if axes is None:
         return 1

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from t2x.config import Config
 from t2x.families import data_key
-from t2x.objectives import chunked_lm_loss, token_losses
+from t2x.objectives import chunked_lm_loss, smoothed_nll, token_losses
 from t2x.parallel import batch_sharding, replicated
 from t2x.train.state import TrainState, skipped_updates
 
@@ -47,19 +47,17 @@ def make_objective(model: nn.Module, cfg: Config) -> Callable:
         outputs = model.apply(
             {"params": params}, **example["model"], deterministic=not use_dropout, rngs={"dropout": rng}, **deferred
         )
-        logits, heads = outputs if isinstance(outputs, tuple) else (outputs, {})
+        lm, heads = outputs if isinstance(outputs, tuple) else (outputs, {})  # lm: logits, or VocabLogits
         weights = example["weights"]
-        if chunk_len:  # logits: the model's VocabLogits
-            value, nll_sum, z_sum = chunked_lm_loss(logits, example["targets"], weights, k / total_weight,
+        if chunk_len:
+            value, nll_sum, z_sum = chunked_lm_loss(lm, example["targets"], weights, k / total_weight,
                                                     chunk_len=chunk_len, z_loss=z_coef, label_smoothing=smoothing)
         else:
-            nll, log_z = token_losses(logits, example["targets"])
+            nll, log_z = token_losses(lm, example["targets"])
             nll_sum = jnp.sum(nll * weights)
             z_sum = jnp.sum(jnp.square(log_z) * weights)
-            loss_sum = nll_sum
-            if smoothing:
-                uniform = log_z - jnp.mean(logits.astype(jnp.float32), axis=-1)  # cross-entropy against uniform
-                loss_sum = jnp.sum(((1 - smoothing) * nll + smoothing * uniform) * weights)
+            mean_logit = jnp.mean(lm.astype(jnp.float32), axis=-1) if smoothing else 0.0
+            loss_sum = jnp.sum(smoothed_nll(nll, log_z, mean_logit, smoothing) * weights)
             value = (loss_sum + z_coef * z_sum) * (k / total_weight)
         head_sums = {}
         for name, head_logits in heads.items():

@@ -115,13 +115,21 @@ LOSS_CHUNK_RUNS = {
 
 
 @pytest.mark.parametrize("run", list(LOSS_CHUNK_RUNS))
-def test_loss_chunks_train_as_the_whole_logits_on_a_sharded_mesh(tmp_path, run):
+def test_loss_chunks_train_and_evaluate_as_the_whole_logits_on_a_sharded_mesh(tmp_path, run):
+    """Two train steps, and the eval step's sums (NLL, tokens, exact predictions) before
+    them, with the logits computed 12 positions at a time equal the whole logits'."""
     make, overrides = LOSS_CHUNK_RUNS[run]
-    benches = {}
+    benches, sums = {}, {}
     for chunk_len in (0, 12):  # 12 divides no row length here: the last chunk is padded
         cfg = make(tmp_path, *overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"train.loss_chunk_len={chunk_len}")
-        benches[chunk_len] = StepBench(cfg, batches=2)
-        benches[chunk_len].run(2)
+        bench = benches[chunk_len] = StepBench(cfg, batches=2)
+        with sharding_context(bench.mesh):
+            step = jax.jit(make_eval_step(bench.model, cfg, build(cfg).tokenizer))
+            sums[chunk_len] = jax.device_get(step(bench.state.params, bench.device_batches[0], jnp.int32(0)))
+        bench.run(2)
+    assert sums[0].keys() == sums[12].keys() and sums[0]["tokens"] > 0
+    for key, whole in sums[0].items():
+        assert sums[12][key] == pytest.approx(whole, rel=1e-6), key
     whole, chunked = (benches[c] for c in (0, 12))
     for key in ("loss", "z_loss", "grad_norm", "param_norm", *(k for k in whole.last_metrics if k.endswith("_loss"))):
         assert chunked.last_metrics[key] == pytest.approx(whole.last_metrics[key], rel=1e-5), key
@@ -141,21 +149,3 @@ def test_a_data_parallel_step_sums_the_projection_gradient_over_devices_once(tmp
     collective = r"\b(all-reduce|reduce-scatter|all-gather)(-start)?\("
     assert not any(re.search(collective, body) for body in bodies)
     assert re.search(collective, hlo)  # the gradients are summed over the 8 devices, after the loop
-
-
-@pytest.mark.parametrize("run", list(LOSS_CHUNK_RUNS))
-def test_evaluation_by_chunks_sums_as_the_whole_logits(tmp_path, run):
-    """The eval step's sums (NLL, tokens, exact predictions) with the logits computed 12
-    positions at a time equal the whole logits' on a sharded mesh."""
-    make, overrides = LOSS_CHUNK_RUNS[run]
-    sums = {}
-    for chunk_len in (0, 12):
-        cfg = make(tmp_path, *overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"train.loss_chunk_len={chunk_len}")
-        bench = StepBench(cfg, batches=1)
-        with sharding_context(bench.mesh):
-            step = jax.jit(make_eval_step(bench.model, cfg, build(cfg).tokenizer))
-            sums[chunk_len] = jax.device_get(step(bench.state.params, bench.device_batches[0], jnp.int32(0)))
-    assert sums[0].keys() == sums[12].keys()
-    for key, whole in sums[0].items():
-        assert sums[12][key] == pytest.approx(whole, rel=1e-6), key
-    assert sums[0]["tokens"] > 0

@@ -257,7 +257,7 @@ class TrainConfig:
     dropout_rng: str = "threefry2x32"  # PRNG of dropout's masks: threefry2x32 | rbg | unsafe_rbg (faster on GPU/TPU)
     z_loss: float = 0.0  # coefficient of log(Z)^2
     label_smoothing: float = 0.0  # of each token's target, this much spread evenly over the vocabulary
-    loss_chunk_len: int = 0  # the loss computes the vocabulary logits this many positions of each row at a time (0: all)
+    loss_chunk_len: int = 0  # loss and eval compute the vocabulary logits this many positions of a row at a time (0: all)
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
     max_consecutive_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps in a row
     log_every: int = 10

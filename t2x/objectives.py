@@ -238,8 +238,7 @@ def _chunked_loss(projection, targets, weights, scale, settings):
 
 
 def _chunked_loss_forward(projection, targets, weights, scale, settings):
-    outputs, grads = _chunk_sums(projection, targets, weights, scale, settings, with_grads=True)
-    return outputs, grads
+    return _chunk_sums(projection, targets, weights, scale, settings, with_grads=True)  # (outputs, residuals: grads)
 
 
 def _chunked_loss_backward(settings, grads, cotangents):

@@ -153,8 +153,10 @@ class StepBench:
     def flops_per_step(self) -> float:
         from t2x.flops import training_flops_per_step
 
-        return training_flops_per_step(self.cfg.model, self.cfg.train.global_batch_size, self.cfg.data.seq_len,
-                                       target_len=self.target_len)
+        cfg = self.cfg
+        return training_flops_per_step(cfg.model, cfg.train.global_batch_size, cfg.data.seq_len,
+                                       target_len=self.target_len,
+                                       predictions=cfg.objective.predictions_per_row(cfg.data.seq_len))
 
     @property
     def tokens_per_step(self) -> int:

@@ -8,6 +8,7 @@ values in ``__post_init__`` and ``Config`` checks the combinations. Every failur
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Optional
@@ -321,6 +322,9 @@ class ObjectiveConfig:
     mask_token_rate: float = 0.8  # of the chosen: replaced by the mask token
     random_token_rate: float = 0.1  # of the chosen: replaced by a random token (the rest stay)
     whole_word_masking: bool = False  # choose whole words (every piece of a word, or none)
+    # masked LM: most tokens of a row predicted, the masked-LM head run at those only
+    # (None: ``predictions_per_row``'s margin over mask_rate; 0: every position)
+    max_predictions: Optional[int] = None
     next_sentence: bool = False  # encoders: also predict whether B follows A in [CLS] A [SEP] B [SEP] pairs
     eval_seed: int = 0  # masks of held-out evaluation: the same for every evaluation
     noise_density: float = 0.15  # span corruption: share of a piece's tokens that are noise
@@ -335,9 +339,22 @@ class ObjectiveConfig:
             "objective.mask_token_rate + objective.random_token_rate must be at most 1 "
             f"(got {self.mask_token_rate} + {self.random_token_rate})",
         )
+        _require(self.max_predictions is None or self.max_predictions >= 0,
+                 f"objective.max_predictions must be >= 0 (0: every position) or null, got {self.max_predictions}")
         _require(self.eval_seed >= 0, f"objective.eval_seed must be >= 0, got {self.eval_seed}")
         _require(0.0 < self.noise_density < 1.0, f"objective.noise_density must be in (0, 1), got {self.noise_density}")
         _require(self.mean_span_length >= 1.0, f"objective.mean_span_length must be >= 1, got {self.mean_span_length}")
+
+    def predictions_per_row(self, seq_len: int) -> int:
+        """Positions of a row of ``seq_len`` tokens that masked LM predicts: ``max_predictions``,
+        or with None the number of chosen tokens a row exceeds about once in a million
+        (``mask_rate`` x seq_len plus five standard deviations of that count, up to a
+        multiple of 8); ``seq_len`` with 0 or at least ``seq_len``."""
+        cap = self.max_predictions
+        if cap is None:
+            mean = self.mask_rate * seq_len
+            cap = 8 * math.ceil((mean + 5 * math.sqrt(mean * (1 - self.mask_rate))) / 8)
+        return min(cap, seq_len) if cap else seq_len
 
 
 @dataclasses.dataclass(frozen=True)

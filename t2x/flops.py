@@ -36,7 +36,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None,
-                            target_len: int | None = None) -> float:
+                            target_len: int | None = None, predictions: int | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) over a global batch.
 
     Args:
@@ -47,6 +47,9 @@ def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, cau
         (default: for decoders).
       target_len: an encoder-decoder's target rows (default ``seq_len``): its decoder
         runs over these, its encoder over ``seq_len``.
+      predictions: an encoder's positions per row at which its masked-LM head (transform
+        and vocabulary projection) runs (default ``seq_len``;
+        ``ObjectiveConfig.predictions_per_row``).
     """
     if causal is None:
         causal = cfg.family == "decoder"
@@ -64,6 +67,8 @@ def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, cau
         return 3.0 * (dense + scores)
     tokens = batch_size * seq_len
     dense = 2 * tokens * matmul_params(cfg)
+    if cfg.family == "encoder" and predictions is not None:
+        dense -= 2 * batch_size * (seq_len - predictions) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
     attention = per_head * seq_len**2 * cfg.num_layers
     if causal:
         attention /= 2

@@ -274,9 +274,18 @@ def masked_lm(batch: dict[str, jax.Array], tokens: MaskingTokens, cfg: Objective
     otherwise. The draws come from ``rng`` alone, with shapes of the global batch, so
     they do not depend on how the batch is sharded.
 
+    A row predicts at most ``cfg.predictions_per_row(seq)`` = P tokens: where more are
+    chosen, those of the largest draws (whole words together) are not, neither
+    corrupted nor predicted, as BERT's ``max_predictions_per_seq``. With P below the
+    row length the example names the positions to predict, and the encoder runs its
+    masked-LM head (and vocabulary projection) at those alone.
+
     Returns:
-      dict with ``model`` (keyword inputs of the encoder), ``targets`` (the original
-      tokens) and ``weights`` (1.0 at chosen positions, float32).
+      dict with ``model`` (keyword inputs of the encoder; with P below the row length
+      ``predict_at``, int32 [batch, P]: the chosen positions of each row in order, then
+      unchosen ones), ``targets`` (the original tokens) and ``weights`` (1.0 at chosen
+      positions, float32), [batch, seq] or, with ``predict_at``, [batch, P] at its
+      positions.
     """
     ids = batch["tokens"]
     choose_key, kind_key, random_key = jax.random.split(rng, 3)
@@ -292,16 +301,25 @@ def masked_lm(batch: dict[str, jax.Array], tokens: MaskingTokens, cfg: Objective
     for special in tokens.keep:
         maskable &= ids != special
     chosen = maskable & (draw < cfg.mask_rate)
+    seq = ids.shape[1]
+    predictions = cfg.predictions_per_row(seq)
+    if predictions < seq:
+        # The (P + 1)-th smallest draw of the chosen (2: fewer chosen) bounds those kept:
+        # at most P draws are below it, and a word's pieces share one draw.
+        bound = -jax.lax.top_k(jnp.where(chosen, -draw, -2.0), predictions + 1)[0][:, -1:]
+        chosen &= draw < bound
     kind = jax.random.uniform(kind_key, ids.shape)
     random_ids = jax.random.randint(random_key, ids.shape, 0, tokens.vocab, dtype=ids.dtype)
     corrupted = jnp.where(kind < cfg.mask_token_rate, tokens.mask,
                           jnp.where(kind < cfg.mask_token_rate + cfg.random_token_rate, random_ids, ids))
-    return {
-        "model": {"tokens": jnp.where(chosen, corrupted, ids), "positions": batch["positions"],
-                  "segment_ids": batch["segment_ids"]},
-        "targets": ids,
-        "weights": chosen.astype(jnp.float32),
-    }
+    model = {"tokens": jnp.where(chosen, corrupted, ids), "positions": batch["positions"],
+             "segment_ids": batch["segment_ids"]}
+    targets, weights = ids, chosen.astype(jnp.float32)
+    if predictions < seq:
+        at = jnp.argsort(~chosen, axis=1, stable=True)[:, :predictions].astype(jnp.int32)
+        model["predict_at"] = at
+        targets, weights = (jnp.take_along_axis(x, at, axis=1) for x in (targets, weights))
+    return {"model": model, "targets": targets, "weights": weights}
 
 
 def sequence_to_sequence(batch: dict[str, jax.Array], start_id: int) -> dict[str, jax.Array]:

@@ -62,7 +62,8 @@ def test_bench_runs_every_family_and_its_figures_agree(name, capsys):
     assert result["family"] == name and result["steps"] == 2 and result["mesh"]["data"] == 8
     assert result["tokens_per_second"] == pytest.approx(tokens / result["step_seconds_median"])
     flops = training_flops_per_step(cfg.model, cfg.train.global_batch_size, cfg.data.seq_len,
-                                    target_len=result.get("target_len"))
+                                    target_len=result.get("target_len"),
+                                    predictions=cfg.objective.predictions_per_row(cfg.data.seq_len))
     assert result["model_tflops_per_second_per_device"] == pytest.approx(
         flops / result["step_seconds_median"] / 8 / 1e12)
     assert result["mfu"] is None  # no tabulated peak for a CPU

@@ -50,14 +50,31 @@ def _rows(rng, batch=64, seq=256, vocab=1000, bos=2, eos=3):
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
+def _chosen(example, tokens):
+    """The [batch, seq] mask of the positions an example predicts, checked against its
+    ``predict_at``: the chosen positions of each row in order, then unchosen ones."""
+    at, weights = (np.asarray(example[k] if k == "weights" else example["model"][k]) for k in ("predict_at", "weights"))
+    chosen = np.zeros(tokens.shape, bool)
+    np.put_along_axis(chosen, at, weights > 0, axis=1)
+    for row, w in zip(at, weights > 0):
+        assert len(set(row)) == len(row)
+        assert (np.diff(row[w]) > 0).all() and not w[w.sum():].any()  # chosen first, in order
+    assert np.array_equal(np.asarray(example["targets"]), np.take_along_axis(tokens, at, axis=1))
+    return chosen
+
+
 def test_masked_lm_chooses_15_percent_of_text_tokens_and_corrupts_them_80_10_10():
     batch = _rows(np.random.default_rng(0))
     masking = MaskingTokens(mask=1000, vocab=1000, keep=(2, 3))
     example = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(7))
-    inputs, chosen = np.asarray(example["model"]["tokens"]), np.asarray(example["weights"]) > 0
+    assert example["weights"].shape == (64, 72)  # predictions at 72 of 256 positions a row
+    inputs, chosen = np.asarray(example["model"]["tokens"]), _chosen(example, batch["tokens"])
     text = (batch["segment_ids"] > 0) & (batch["tokens"] != 2) & (batch["tokens"] != 3)
     assert not (chosen & ~text).any()  # never padding, BOS or EOS
-    assert np.array_equal(np.asarray(example["targets"]), batch["tokens"])
+    every = masked_lm(batch, masking, ObjectiveConfig(max_predictions=0), jax.random.key(7))
+    assert "predict_at" not in every["model"] and np.array_equal(every["targets"], batch["tokens"])
+    assert np.array_equal(np.asarray(every["weights"]) > 0, chosen)  # fewer than 72 chosen in every row
+    assert np.array_equal(np.asarray(every["model"]["tokens"]), inputs)
     assert np.array_equal(inputs[~chosen], batch["tokens"][~chosen])  # the rest untouched
     assert chosen.sum() / text.sum() == pytest.approx(0.15, abs=0.01)
     masked = inputs[chosen] == 1000
@@ -69,7 +86,44 @@ def test_masked_lm_chooses_15_percent_of_text_tokens_and_corrupts_them_80_10_10(
     again = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(7))
     assert np.array_equal(np.asarray(again["model"]["tokens"]), inputs)
     other = masked_lm(batch, masking, ObjectiveConfig(), jax.random.key(8))
-    assert not np.array_equal(np.asarray(other["weights"]), np.asarray(example["weights"]))
+    assert not np.array_equal(_chosen(other, batch["tokens"]), chosen)
+
+
+@pytest.mark.parametrize("whole_words", [False, True])
+def test_a_row_predicts_at_most_max_predictions_tokens_chosen_at_random(whole_words):
+    """Past the cap, the chosen tokens of the largest draws (whole words) are neither
+    corrupted nor predicted; the others are exactly as without a cap."""
+    tokenizer = load_tokenizer("builtin:512")
+    text = ("Return a new list containing all items from the iterable in ascending order. A custom key function "
+            "can be supplied to customize the sort order, and the reverse flag can be set to request the result "
+            "in descending order. The algorithm uses only less-than comparisons between items. ") * 6
+    pieces = tokenizer.encode([text])[0]
+    tokens = np.array([[tokenizer.bos_id, *pieces[3 * r: 3 * r + 126], tokenizer.eos_id] for r in range(32)], np.int32)
+    batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(128, dtype=np.int32), tokens.shape)}
+    masking = masking_tokens(tokenizer, 576)
+    settings = {"whole_word_masking": whole_words, "mask_rate": 0.3}
+    free = masked_lm(batch, masking, ObjectiveConfig(**settings, max_predictions=0), jax.random.key(5))
+    capped = masked_lm(batch, masking, ObjectiveConfig(**settings, max_predictions=12), jax.random.key(5))
+    assert capped["weights"].shape == (32, 12)
+    every, chosen = np.asarray(free["weights"]) > 0, _chosen(capped, batch["tokens"])
+    inputs, free_inputs = np.asarray(capped["model"]["tokens"]), np.asarray(free["model"]["tokens"])
+    assert (every.sum(1) > 12).sum() > 16  # most rows choose more than 12
+    assert not (chosen & ~every).any() and (chosen.sum(1) <= 12).all()
+    assert np.array_equal(inputs[chosen], free_inputs[chosen])  # corrupted as without the cap
+    assert np.array_equal(inputs[~chosen], batch["tokens"][~chosen])  # the rest untouched
+    first = np.cumsum(every, 1) <= 12  # the first 12 chosen of each row
+    assert not np.array_equal(chosen, every & first)  # not the first ones: random ones
+    if not whole_words:
+        assert np.array_equal(chosen.sum(1), np.minimum(every.sum(1), 12))
+        return
+    starts = masking.word_starts[batch["tokens"]] | (batch["positions"] == 0)
+    assert chosen.any(1).all()
+    for r in range(len(chosen)):  # every piece of a word, or none
+        word = np.cumsum(starts[r])
+        for w in np.unique(word[every[r]]):
+            pieces = every[r] & (word == w)
+            assert chosen[r][pieces].all() or not chosen[r][pieces].any()
 
 
 def test_masks_do_not_depend_on_how_the_batch_is_sharded():
@@ -100,7 +154,7 @@ def test_whole_word_masking_takes_every_piece_of_a_word_or_none():
     starts = masking.word_starts[tokens]
     assert (~starts & real).any()  # the text has words of several pieces
     example = masked_lm(batch, masking, ObjectiveConfig(whole_word_masking=True, mask_rate=0.3), jax.random.key(0))
-    chosen = np.asarray(example["weights"]) > 0
+    chosen = _chosen(example, tokens)
     assert chosen.any()
     for r in range(len(texts)):
         word = np.cumsum(starts[r])  # word number of each piece
@@ -202,3 +256,36 @@ def test_next_sentence_pairs_are_whole_half_random_and_trained_with_their_head(t
     assert all(r["next_sentence_loss"] > 0 for r in logged if r["split"] == "train" and "loss" in r)
     with pytest.raises(ConfigError, match="model.type_vocab_size=2"):
         encoder_config(tmp_path / "x", "objective.next_sentence=true", "model.type_vocab_size=0")
+
+
+def test_the_masked_lm_head_at_the_chosen_positions_trains_and_evaluates_as_at_every_position(tmp_path):
+    """The masked-LM head run at each row's chosen positions alone (the default cap, 16 of
+    32 positions here) gives the eval sums and two train steps of the head run at every
+    position, on a sharded mesh, with the FLOPs of the positions it skips saved."""
+    from t2x.bench import StepBench
+    from t2x.evaluate import make_eval_step
+    from t2x.flops import training_flops_per_step
+    from t2x.parallel import sharding_context
+
+    benches, sums = {}, {}
+    for cap in (0, None):
+        cfg = encoder_config(tmp_path, "objective.next_sentence=true", "model.type_vocab_size=2", "mesh.data=2",
+                             "mesh.fsdp=2", "mesh.tensor=2", f"objective.max_predictions={'null' if cap is None else 0}")
+        bench = benches[cap] = StepBench(cfg, batches=2)
+        with sharding_context(bench.mesh):
+            step = jax.jit(make_eval_step(bench.model, cfg, build(cfg).tokenizer))
+            sums[cap] = jax.device_get(step(bench.state.params, bench.device_batches[0], jax.numpy.int32(0)))
+        bench.run(2)
+    assert cfg.objective.predictions_per_row(cfg.data.seq_len) == 16
+    assert sums[0].keys() == sums[None].keys() and sums[0]["tokens"] > 0
+    for key, every in sums[0].items():
+        assert sums[None][key] == pytest.approx(every, rel=1e-6), key
+    every, chosen = benches[0], benches[None]
+    for key in ("loss", "z_loss", "grad_norm", "param_norm", "next_sentence_loss"):
+        assert chosen.last_metrics[key] == pytest.approx(every.last_metrics[key], rel=1e-5), key
+    for x, y in zip(jax.tree.leaves(every.state.params), jax.tree.leaves(chosen.state.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    model, rows = cfg.model, cfg.train.global_batch_size
+    saved = training_flops_per_step(model, rows, 32) - training_flops_per_step(model, rows, 32, predictions=16)
+    per_device = [b.compiled.cost_analysis()["flops"] for b in (every, chosen)]  # XLA's count, of one device's step
+    assert (per_device[0] - per_device[1]) * 8 > 0.9 * saved

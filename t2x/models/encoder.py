@@ -29,6 +29,7 @@ class EncoderMLM(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         token_types: jax.Array | None = None,
+        predict_at: jax.Array | None = None,
         deterministic: bool = True,
         hidden: bool = False,
         deferred: bool = False,
@@ -41,13 +42,16 @@ class EncoderMLM(nn.Module):
           segment_ids: [batch, seq] packed-document ids, 0 for padding (default: one document).
             Every token attends to every token of its own document, in both directions.
           token_types: [batch, seq] sentence A (0) or B (1) ids (default 0).
+          predict_at: int [batch, predictions] positions at which to run the masked-LM
+            head (default: every position).
           deterministic: disables dropout.
           hidden: return the encoder's output states [batch, seq, d_model] instead.
           deferred: return the masked-LM head's ``VocabLogits`` (bias included) instead
             of its logits (for a loss that computes them a chunk at a time).
 
         Returns:
-          float32 logits [batch, seq, vocab_size] (``VocabLogits`` with ``deferred``); with
+          float32 logits [batch, seq, vocab_size], or [batch, predictions, vocab_size] at
+          ``predict_at`` (``VocabLogits`` with ``deferred``); with
           ``next_sentence``, also
           ``{"next_sentence": float32 [batch, seq, 2]}``: at a pair's first token ([CLS]),
           the logits of "B follows A" (0) and "B is random" (1).
@@ -70,7 +74,10 @@ class EncoderMLM(nn.Module):
             x = norm(cfg, "final_norm")(x)
         if hidden:
             return x
-        h = dense(cfg, cfg.d_model, ("embed", "embed_out"), name="mlm_dense")(x)
+        h = x
+        if predict_at is not None:
+            h = constrain(jnp.take_along_axis(x, predict_at[..., None], axis=1), ("batch", "length", "act_embed"))
+        h = dense(cfg, cfg.d_model, ("embed", "embed_out"), name="mlm_dense")(h)
         h = norm(cfg, "mlm_norm")(nn.gelu(h, approximate=cfg.mlp == "gelu"))
         bias = self.param("mlm_bias", logical(nn.initializers.zeros, ("vocab",)),
                           (cfg.vocab_size,), jnp.float32)

@@ -319,7 +319,8 @@ class _Run:
         cfg, window = self.cfg, self.window
         steps, batch_size = cfg.train.steps, cfg.train.global_batch_size
         targets = task(cfg).rows(cfg, self.c.tokenizer).lengths.get("targets") if not cfg.classify.enabled else None
-        self.flops_per_step = training_flops_per_step(cfg.model, batch_size, cfg.data.seq_len, target_len=targets)
+        self.flops_per_step = training_flops_per_step(cfg.model, batch_size, cfg.data.seq_len, target_len=targets,
+                                                      predictions=cfg.objective.predictions_per_row(cfg.data.seq_len))
         self.peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
         first = int(jax.device_get(self.state.step))
         bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,

@@ -85,13 +85,15 @@ MEASUREMENTS = [
 STEP_KEYS = ("step_seconds_median", "tokens_per_second", "compile_seconds")
 
 class Lever(typing.NamedTuple):
-    """A change to ``t2x bench`` of SMALL: overrides and environment before and after."""
+    """A change to a ``t2x bench`` command (``BENCH``, of SMALL, unless named):
+    overrides and environment before and after."""
 
     what: str
     before: tuple[str, ...] = ()
     after: tuple[str, ...] = ()
     env_after: dict[str, str] = {}
     env_before: dict[str, str] = {}
+    bench: tuple[str, ...] = tuple(BENCH)
 
 
 LEVERS = {
@@ -104,6 +106,10 @@ LEVERS = {
     "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
     "loss_chunks": Lever("the loss's logits 64 positions of each row at a time (`train.loss_chunk_len=64`), never the "
                          "whole batch's", after=("train.loss_chunk_len=64",)),
+    "mlm_chosen": Lever("BERT's masked-LM head at each row's chosen positions (the default `objective.max_predictions`: "
+                        "40 of bert_tiny's 128) instead of every position", before=("objective.max_predictions=0",),
+                        bench=("t2x", "bench", "configs/bert_tiny.yaml", "mesh.data=1", "data.num_shards=1",
+                               "--steps", "10")),
 }
 
 
@@ -175,8 +181,8 @@ def measure_lever(name: str, rounds: int) -> dict:
     lever = LEVERS[name]
     firsts, seconds = [], []
     for _ in range(rounds):
-        firsts.append(run([*BENCH, *lever.before], lever.env_before))
-        seconds.append(run([*BENCH, *lever.after], lever.env_after))
+        firsts.append(run([*lever.bench, *lever.before], lever.env_before))
+        seconds.append(run([*lever.bench, *lever.after], lever.env_after))
 
     def summary(records):
         outs = [(r["outputs"] or [{}])[-1] for r in records]
@@ -189,7 +195,7 @@ def measure_lever(name: str, rounds: int) -> dict:
         return " ".join([*(f"{k}={v}" for k, v in env.items()), *overrides]) or "default"
 
     return {"name": f"lever:{name}", "what": lever.what, "rounds": rounds,
-            "before_command": shlex.join([*BENCH, *lever.before]),
+            "before_command": shlex.join([*lever.bench, *lever.before]),
             "change": f"{described(lever.env_before, lever.before)} -> {described(lever.env_after, lever.after)}",
             "before": summary(firsts), "after": summary(seconds),
             "returncode": max(r["returncode"] for r in firsts + seconds)}
@@ -237,7 +243,8 @@ def render(records: list[dict]) -> str:
         lines += [""]
     levers = [r for r in records if str(r.get("name", "")).startswith("lever:")]
     if levers:
-        lines += [f"**levers**: `t2x bench` of the peers' small shape (float32, remat none, scanned, 10 steps), "
+        lines += [f"**levers**: `t2x bench` of the peers' small shape (float32, remat none, scanned, 10 steps) "
+                  "unless its command below names another, "
                   f"before and after each lever in {levers[0].get('rounds', 1)} alternating rounds of a process "
                   "each; the median of each side's median steps (every round's in the raw output):", "",
                   "| lever | change | step before (s) | step after (s) | after / before | compile before, after (s) |",
@@ -247,7 +254,11 @@ def render(records: list[dict]) -> str:
             ratio = f"{a / b:.3f}" if a and b else ""
             lines.append(f"| {r['what']} | `{r['change']}` | {_fmt(b)} | {_fmt(a)} | {ratio} | "
                          f"{_fmt(r['before'].get('compile_seconds'))}, {_fmt(r['after'].get('compile_seconds'))} |")
-        lines += ["", f"Before, every lever: `{levers[0]['before_command']}`.", ""]
+        if len({r["before_command"] for r in levers}) == 1:
+            lines += ["", f"Before, every lever: `{levers[0]['before_command']}`.", ""]
+        else:
+            lines += ["", "Before each lever:", "",
+                      *(f"- {r['name'].split(':', 1)[1]}: `{r['before_command']}`" for r in levers), ""]
     lines.append(END)
     return "\n".join(lines)
 

@@ -151,12 +151,9 @@ class StepBench:
 
     @property
     def flops_per_step(self) -> float:
-        from t2x.flops import training_flops_per_step
+        from t2x.flops import run_flops_per_step
 
-        cfg = self.cfg
-        return training_flops_per_step(cfg.model, cfg.train.global_batch_size, cfg.data.seq_len,
-                                       target_len=self.target_len,
-                                       predictions=cfg.objective.predictions_per_row(cfg.data.seq_len))
+        return run_flops_per_step(self.cfg, target_len=self.target_len)
 
     @property
     def tokens_per_step(self) -> int:

@@ -8,7 +8,7 @@ matmul weight (the unembedding included, the input embedding excluded) plus atte
 
 from __future__ import annotations
 
-from t2x.config import ModelConfig
+from t2x.config import Config, ModelConfig
 
 # Peak dense bf16 FLOP/s per device, matched against jax.Device.device_kind.
 PEAK_FLOPS = (
@@ -27,12 +27,33 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in matmuls: every block's projections plus the unembedding
     (and an encoder's masked-LM transform; an encoder-decoder's decoder blocks with their
     cross-attention)."""
-    d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
-    attention = d * (heads + 2 * kv) * hd + heads * hd * d
-    mlp = d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
+    d = cfg.d_model
+    attention, mlp = _block_params(cfg)
     head = d * d if cfg.family == "encoder" else 0
     decoder = cfg.decoder_layers * (2 * attention + mlp) if cfg.family == "encoder_decoder" else 0
     return cfg.num_layers * (attention + mlp) + decoder + head + d * cfg.vocab_size
+
+
+def _block_params(cfg: ModelConfig) -> tuple[int, int]:
+    """A block's attention projections' and MLP's weights (an encoder-decoder's decoder
+    block adds a second attention)."""
+    d, heads, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    return d * (heads + 2 * kv) * hd + heads * hd * d, d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
+
+
+def run_flops_per_step(cfg: Config, target_len: int | None = None) -> float:
+    """Model FLOPs of one training step of a run's config over its global batch: its
+    family's model (an encoder's masked-LM head at ``objective.predictions_per_row``
+    positions), or with ``classify.labels`` the classifier's: the backbone without its
+    language-model head (an encoder-decoder's encoder alone), whose pooler and label
+    layer, a few products of a d_model vector a row, are left out."""
+    m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
+    if not cfg.classify.enabled:
+        return training_flops_per_step(m, batch, seq, target_len=target_len,
+                                       predictions=cfg.objective.predictions_per_row(seq))
+    dense = 2 * batch * seq * m.num_layers * sum(_block_params(m))
+    scores = 4 * batch * m.num_heads * m.head_size * seq**2 * m.num_layers / (2 if m.family == "decoder" else 1)
+    return 3.0 * (dense + scores)
 
 
 def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None,

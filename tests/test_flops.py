@@ -110,3 +110,29 @@ def test_an_encoders_forward_flops_at_the_predicted_positions_are_what_xla_count
     counted = jax.jit(lambda p, t, kw: model.apply({"params": p}, t, **kw)).lower(params, tokens, at).cost_analysis()
     formula = training_flops_per_step(cfg, batch_size=2, seq_len=256, predictions=predictions) / 3
     assert 1.0 <= counted["flops"] / formula < 1.01  # element-wise work besides: 0.4-0.6%
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "bert_tiny.yaml", "t5_tiny.yaml"])
+def test_a_classifiers_flops_are_its_backbones_without_the_language_model_head(config):
+    """A classifier's step counts its backbone alone (an encoder-decoder's encoder): XLA's
+    count of its forward pass agrees, as it does not with the pretraining formula."""
+    import jax
+    import jax.numpy as jnp
+
+    from t2x.config import load_config
+    from t2x.families import task
+    from t2x.flops import run_flops_per_step
+    from t2x.models import abstract_params
+
+    cfg = load_config(REPO / "configs" / config, [
+        "classify.labels=[a,b]", "data.format=csv", "train.sample_tokens=0", "model.scan_layers=false",
+        "model.max_seq_len=64", "data.seq_len=64", "train.global_batch_size=2", "mesh.data=1", "data.num_shards=1",
+        "model.d_model=512", "model.d_ff=2048"])  # wide enough for the products to outweigh element-wise work
+    model = task(cfg).model(cfg.model)
+    params, _ = abstract_params(model, 64)
+    tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)  # one causal block of 64 queries: a decoder's XLA attention
+    counted = jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).cost_analysis()["flops"]
+    scores = 4 * 2 * cfg.model.num_heads * cfg.model.head_size * 64**2 * cfg.model.num_layers
+    formula = run_flops_per_step(cfg) / 3 + (scores / 2 if cfg.model.family == "decoder" else 0)  # computes them all
+    assert 1.0 <= counted / formula < 1.03
+    assert counted / (training_flops_per_step(cfg.model, 2, 64) / 3) < 0.9  # the language model's is not it

@@ -22,7 +22,7 @@ from t2x.data.sources import Source
 from t2x.evaluate import Evaluator
 from t2x.data.labelled import LabelledBatches, read_labelled
 from t2x.families import task
-from t2x.flops import peak_flops_per_device, training_flops_per_step
+from t2x.flops import peak_flops_per_device, run_flops_per_step
 from t2x.parallel import host_to_global, process_rows, sharding_context
 from t2x.parallel.distributed import sum_over_processes
 from t2x.rundir import CHECKPOINTS, check_writable, has_tokenizer, recorded_config, write_run_files
@@ -319,8 +319,7 @@ class _Run:
         cfg, window = self.cfg, self.window
         steps, batch_size = cfg.train.steps, cfg.train.global_batch_size
         targets = task(cfg).rows(cfg, self.c.tokenizer).lengths.get("targets") if not cfg.classify.enabled else None
-        self.flops_per_step = training_flops_per_step(cfg.model, batch_size, cfg.data.seq_len, target_len=targets,
-                                                      predictions=cfg.objective.predictions_per_row(cfg.data.seq_len))
+        self.flops_per_step = run_flops_per_step(cfg, target_len=targets)
         self.peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops_per_device)
         first = int(jax.device_get(self.state.step))
         bar = tqdm(total=steps, initial=min(first, steps), unit="step", dynamic_ncols=True,

@@ -227,6 +227,8 @@ def test_scores_match_a_float64_reference_with_and_without_a_sliding_window():
     got = Scorer(model, window=window, stride=1).score([text], eos=True)[0]
     assert got.tokens == len(ids) and got.bytes == len(text.encode())
     np.testing.assert_allclose(got.log_likelihood, expected, rtol=2e-5)
+    by_chunks = Scorer(model, window=window, stride=1, chunk_len=5).score([text], eos=True)[0]  # 12 = 5 + 5 + 2
+    np.testing.assert_allclose(by_chunks.log_likelihood, expected, rtol=2e-5)
     np.testing.assert_allclose(got.bits_per_byte, -expected / math.log(2) / len(text.encode()), rtol=2e-5)
     np.testing.assert_allclose(got.perplexity, math.exp(-expected / len(ids)), rtol=2e-5)
     # A text that fits is one teacher-forced pass, whatever the batch.

@@ -21,10 +21,13 @@ import numpy as np
 
 from t2x.infer.engine import RequestError, bucket
 from t2x.infer.model import InferenceModel
-from t2x.objectives import token_losses
+from t2x.objectives import token_predictions
 from t2x.parallel import sharding_context
 
 LN2 = math.log(2.0)
+# Positions of a window whose logits are computed at a time: a batch of 8 windows of
+# GPT-2's 1024 tokens would otherwise hold 1.6 GB of float32 logits.
+SCORE_CHUNK = 128
 
 
 @dataclasses.dataclass
@@ -63,13 +66,14 @@ POOLINGS = {"decoder": ("mean", "last", "max"), "encoder": ("cls", "mean", "max"
 
 
 @functools.cache
-def _programs(module):
+def _programs(module, chunk_len: int):
     """The jitted scoring, hidden-state and class-probability functions of a model,
-    shared by every scorer of it."""
+    shared by every scorer of it; scoring computes the logits of ``chunk_len`` positions
+    of each row at a time (``token_predictions``)."""
 
     def log_probs(params, inputs, targets, weights):
-        logits = module.apply({"params": params}, inputs)
-        nll, _ = token_losses(logits, targets)
+        lm = module.apply({"params": params}, inputs, deferred=True)
+        nll, _ = token_predictions(lm, targets, chunk_len if inputs.shape[1] > chunk_len else 0)
         return -(nll * weights).sum(axis=-1)
 
     def hidden(params, inputs, segment_ids):
@@ -91,9 +95,11 @@ class Scorer:
       batch_size: rows per forward pass (rounded up to the batch devices).
       window: tokens per window, BOS included (default: the model's context).
       stride: tokens a window advances (default: half the window).
+      chunk_len: positions of a row whose logits a score computes at a time.
     """
 
-    def __init__(self, model: InferenceModel, batch_size: int = 8, window: int | None = None, stride: int | None = None):
+    def __init__(self, model: InferenceModel, batch_size: int = 8, window: int | None = None, stride: int | None = None,
+                 chunk_len: int = SCORE_CHUNK):
         self.model = model
         self.window = window or model.context
         if not 2 <= self.window <= model.context:
@@ -103,7 +109,7 @@ class Scorer:
             raise RequestError("stride", f"must be between 1 and the window {self.window}, got {self.stride}")
         ways = model.batch_ways
         self.batch_size = -(-batch_size // ways) * ways
-        self._log_probs, self._hidden, self._probabilities = _programs(model.module)
+        self._log_probs, self._hidden, self._probabilities = _programs(model.module, chunk_len)
 
     def score(self, texts: Sequence[str], eos: bool = False) -> list[Score]:
         """Log-likelihood, token count, perplexity and bits per byte of each text.

@@ -58,6 +58,8 @@ BENCHES = {
                                              "train.dropout_rng=rbg"]),
     "t5_base_b64_rbg": ("t5_base.yaml", ["train.global_batch_size=64", "model.remat=none", "train.dropout_rng=rbg"]),
     "gpt2_xl_b24": ("gpt2_xl.yaml", ["train.global_batch_size=24"]),
+    "bert_base_b64_every_position": ("bert_base.yaml", ["train.global_batch_size=64", "model.remat=none",
+                                                        "objective.max_predictions=0"]),
     "bert_base_b64_unrolled": ("bert_base.yaml", ["train.global_batch_size=64", "model.remat=none",
                                                   "model.scan_layers=false"]),
     "t5_base_b64_unrolled": ("t5_base.yaml", ["train.global_batch_size=64", "model.remat=none",

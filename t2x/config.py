@@ -258,7 +258,7 @@ class TrainConfig:
     dropout_rng: str = "threefry2x32"  # PRNG of dropout's masks: threefry2x32 | rbg | unsafe_rbg (faster on GPU/TPU)
     z_loss: float = 0.0  # coefficient of log(Z)^2
     label_smoothing: float = 0.0  # of each token's target, this much spread evenly over the vocabulary
-    loss_chunk_len: int = 0  # loss and eval compute the vocabulary logits this many positions of a row at a time (0: all)
+    loss_chunk_len: int = 0  # loss and eval compute the vocabulary logits at most this many positions of a row at a time (0: all)
     on_nonfinite: str = "stop"  # stop: exit naming the step | skip: drop that update
     max_consecutive_skips: int = 10  # with on_nonfinite=skip: stop after this many skipped steps in a row
     log_every: int = 10
@@ -347,13 +347,15 @@ class ObjectiveConfig:
 
     def predictions_per_row(self, seq_len: int) -> int:
         """Positions of a row of ``seq_len`` tokens that masked LM predicts: ``max_predictions``,
-        or with None the number of chosen tokens a row exceeds about once in a million
-        (``mask_rate`` x seq_len plus five standard deviations of that count, up to a
-        multiple of 8); ``seq_len`` with 0 or at least ``seq_len``."""
+        or with None a number of chosen tokens a row exceeds about once in a million:
+        ``mask_rate`` x seq_len plus five standard deviations of that count, up to a
+        multiple of 8 (seven with whole-word masking, whose words of L pieces chosen
+        together make the count's variance E[L^2] / E[L] times larger: covered up to 2);
+        ``seq_len`` with 0 or at least ``seq_len``."""
         cap = self.max_predictions
         if cap is None:
-            mean = self.mask_rate * seq_len
-            cap = 8 * math.ceil((mean + 5 * math.sqrt(mean * (1 - self.mask_rate))) / 8)
+            mean, deviations = self.mask_rate * seq_len, 7 if self.whole_word_masking else 5
+            cap = 8 * math.ceil((mean + deviations * math.sqrt(mean * (1 - self.mask_rate))) / 8)
         return min(cap, seq_len) if cap else seq_len
 
 

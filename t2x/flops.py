@@ -89,7 +89,7 @@ def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, cau
     tokens = batch_size * seq_len
     dense = 2 * tokens * matmul_params(cfg)
     if cfg.family == "encoder" and predictions is not None:
-        dense -= 2 * batch_size * (seq_len - predictions) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
+        dense -= 2 * batch_size * (seq_len - min(predictions, seq_len)) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
     attention = per_head * seq_len**2 * cfg.num_layers
     if causal:
         attention /= 2

@@ -56,8 +56,8 @@ def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
                       chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
     """Each position's NLL of its target (float32 [batch, seq]) and its most likely id
     ([batch, seq]), from logits or from ``VocabLogits``; with ``chunk_len``, computed
-    ``chunk_len`` positions of each row at a time (a last, short chunk padded), never
-    holding the whole batch's logits."""
+    at most ``chunk_len`` positions of each row at a time (``_chunked``), never holding
+    the whole batch's logits."""
     if not isinstance(logits, VocabLogits):
         return token_losses(logits, targets)[0], jnp.argmax(logits, -1)
     if not chunk_len:
@@ -74,10 +74,12 @@ def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
 
 
 def _chunked(x: jax.Array, chunk_len: int, groups: int) -> jax.Array:
-    """[batch, seq, ...] -> [chunks, groups, batch / groups x chunk_len, ...]: the
-    sequence cut into chunks (the last padded with zeros), and each chunk's positions in
-    ``groups`` groups of whole rows, row by row."""
+    """[batch, seq, ...] -> [chunks, groups, batch / groups x length, ...]: the sequence
+    cut into as few chunks of at most ``chunk_len`` positions as it takes, of one length
+    (the last padded with zeros: 120 positions by 64 are 2 chunks of 60), and each
+    chunk's positions in ``groups`` groups of whole rows, row by row."""
     batch, seq = x.shape[:2]
+    chunk_len = -(-seq // -(-seq // chunk_len))
     pad = -seq % chunk_len
     x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
     x = x.reshape(groups, batch // groups, (seq + pad) // chunk_len, chunk_len, *x.shape[2:])
@@ -146,15 +148,15 @@ def chunked_lm_loss(projection: VocabLogits, targets: jax.Array, weights: jax.Ar
     goes into the states' and the projection's gradients by the two backward products and
     is dropped. The backward pass only scales those gradients, so no logits are kept
     for it and none computed again: the same products as the whole logits' loss. The
-    last chunk is padded with weight-0 positions where ``chunk_len`` does not divide the
-    rows.
+    rows are cut into chunks of one length, at most ``chunk_len`` (``_chunked``), the
+    last padded with weight-0 positions where that length does not divide them.
 
     Args:
       projection: the model's ``VocabLogits`` ([batch, seq, d_model] states).
       targets: int [batch, seq] target ids.
       weights: float32 [batch, seq] token weights (0: not a target).
       scale: the scalar the weighted sum is multiplied by (1 / tokens, for a mean).
-      chunk_len: positions per chunk.
+      chunk_len: most positions per chunk.
 
     Returns:
       ``(value, nll_sum, z_sum)``: the loss; sum of weight x NLL; sum of weight x

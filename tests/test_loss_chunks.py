@@ -51,7 +51,7 @@ def test_chunked_lm_loss_matches_float64_and_autodiff_of_the_whole_logits(vocab_
 
     args = [jnp.asarray(x, jnp.float32) for x in (hidden, weight, bias)]
     expected = jax.grad(whole, argnums=(0, 1, 2))(*args)
-    for chunk_len in (4, 10, 32):  # 4 leaves the last chunk short; 32 is one padded chunk
+    for chunk_len in (3, 4, 10, 32):  # 3 and 4: 4 chunks of 3, 3 of 4, the last padded; 32: one of 10
         (value, nll_sum, z_sum), vjp = jax.vjp(lambda h, w, b: chunked(h, w, b, chunk_len), *args)
         assert float(value) == pytest.approx((per_token * weights).sum() * scale, rel=1e-5)
         assert float(nll_sum) == pytest.approx((nll * weights).sum(), rel=1e-5)
@@ -77,6 +77,17 @@ def test_chunked_lm_loss_matches_float64_and_autodiff_of_the_whole_logits(vocab_
         got = jax.jit(jax.grad(lambda h, w, b: chunked(h, w, b, 4)[0], argnums=(0, 1, 2)))(*args)
     for g, want in zip(got, expected):
         np.testing.assert_allclose(g, np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_rows_go_in_as_few_chunks_as_the_length_allows_all_of_one_length():
+    from t2x.objectives import _chunked, _unchunked
+
+    x = jnp.arange(4 * 120).reshape(4, 120)
+    for chunk_len, shape in ((64, (2, 2, 2 * 60)), (40, (3, 2, 2 * 40)), (50, (3, 2, 2 * 40)), (128, (1, 2, 2 * 120)),
+                             (7, (18, 2, 2 * 7))):  # 18 chunks of 7: 126, the last padded by 6
+        chunks = _chunked(x, chunk_len, 2)
+        assert chunks.shape == shape, chunk_len
+        assert np.array_equal(_unchunked(chunks, 4, 120), x)
 
 
 def test_the_loss_and_evaluation_by_chunks_never_hold_the_whole_logits():
@@ -120,7 +131,7 @@ def test_loss_chunks_train_and_evaluate_as_the_whole_logits_on_a_sharded_mesh(tm
     them, with the logits computed 12 positions at a time equal the whole logits'."""
     make, overrides = LOSS_CHUNK_RUNS[run]
     benches, sums = {}, {}
-    for chunk_len in (0, 12):  # 12 divides no row length here: the last chunk is padded
+    for chunk_len in (0, 12):  # 12: rows of 32 in 3 chunks of 11, the last padded
         cfg = make(tmp_path, *overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"train.loss_chunk_len={chunk_len}")
         bench = benches[chunk_len] = StepBench(cfg, batches=2)
         with sharding_context(bench.mesh):

@@ -52,10 +52,10 @@ def attention(q, k, v, mask):
     return np.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def mask_of(segment_ids):
+def mask_of(segment_ids, causal=True):
     t = segment_ids.shape[1]
-    causal = np.tril(np.ones((t, t), bool))
-    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    order = np.tril(np.ones((t, t), bool)) if causal else np.ones((t, t), bool)
+    return order[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
 def forward(params, cfg: ModelConfig, tokens, positions, segment_ids):

@@ -198,27 +198,30 @@ def test_causal_attention_blocks_widen_from_512_tokens():
     assert [causal_block(n) for n in (128, 256, 512, 576, 1024)] == [64, 64, 128, 64, 128]
 
 
-@pytest.mark.parametrize("kv_heads", [4, 1])
-def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
-    """Blocks of queries over the keys up to their last: the same outputs and gradients (the
-    bias's too) as one causal, segment-masked attention over the whole row (with a bias,
-    T5's way), and the float64 reference's."""
-    from t2x.models.attention import CAUSAL_BLOCK, causal_blocked_attention
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_by_blocks_is_the_full_computation(kv_heads, causal):
+    """Blocks of queries (causal: over the keys up to their last): the same outputs and
+    gradients (the bias's too) as one segment-masked attention over the whole row (with
+    a bias, T5's way), and the float64 reference's, for multi-head, grouped and
+    multi-query attention."""
+    from t2x.models.attention import CAUSAL_BLOCK, blocked_attention
 
     rng = np.random.default_rng(7)
     seq = 4 * CAUSAL_BLOCK
     q = jnp.asarray(rng.normal(size=(2, seq, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, seq, kv_heads, 8)), jnp.float32) for _ in range(2))
     _, _, segment_ids = packed_inputs(rng, batch=2, seq=seq)
-    mask = attention_mask(jnp.asarray(segment_ids), seq)
+    mask = attention_mask(jnp.asarray(segment_ids), seq, causal=causal)
     bias = jnp.asarray(rng.normal(size=(1, 4, seq, seq)), jnp.float32)
     for b in (None, bias):
         def full(q, k, v):
             return jax.nn.dot_product_attention(q, k, v, bias=b, mask=mask)
 
-        for block in (CAUSAL_BLOCK, 2 * CAUSAL_BLOCK):  # the blocks of short rows and of rows from 512 tokens
+        # the blocks of short rows and of rows from 512 tokens; 96 leaves the last one short
+        for block in (CAUSAL_BLOCK, 2 * CAUSAL_BLOCK, 96):
             def blocked(q, k, v, block=block):
-                return causal_blocked_attention(q, k, v, mask, b, scale=None, block=block)
+                return blocked_attention(q, k, v, mask, b, scale=None, block=block, causal=causal)
 
             np.testing.assert_allclose(jax.jit(blocked)(q, k, v), jax.jit(full)(q, k, v), rtol=1e-6, atol=1e-6)
             grads = [jax.jit(jax.grad(lambda *x, f=f: jnp.sum(f(*x) ** 2), argnums=(0, 1, 2)))(q, k, v)
@@ -226,13 +229,15 @@ def test_causal_attention_by_blocks_is_the_full_computation(kv_heads):
             for a, c in zip(*grads):
                 np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
     bias_grads = [jax.jit(jax.grad(lambda b, f=f: jnp.sum(f(q, k, v, mask, b) ** 2)))(bias)
-                  for f in (lambda *x: causal_blocked_attention(*x, scale=None),
+                  for f in (lambda *x: blocked_attention(*x, scale=None, causal=causal),
                             lambda q, k, v, m, b: jax.nn.dot_product_attention(q, k, v, bias=b, mask=m))]
     np.testing.assert_allclose(*bias_grads, rtol=1e-5, atol=1e-5)  # T5's relative bias learns through it
-    expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)), reference.mask_of(segment_ids))
-    np.testing.assert_allclose(causal_blocked_attention(q, k, v, mask, None, None), expected, rtol=1e-5, atol=1e-5)
+    expected = reference.attention(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                                   reference.mask_of(segment_ids, causal=causal))
+    np.testing.assert_allclose(blocked_attention(q, k, v, mask, None, None, causal=causal), expected,
+                               rtol=1e-5, atol=1e-5)
     q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))  # bfloat16 in, float32 softmax, bfloat16 out
-    out16 = causal_blocked_attention(q16, k16, v16, mask, None, None)
+    out16 = blocked_attention(q16, k16, v16, mask, None, None, causal=causal)
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out16, np.float32), expected, atol=3e-2)
 
@@ -274,7 +279,7 @@ def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_referenc
     ("auto", "bfloat16", 60, False, True, "gpu", 1024, "xla"),  # not a multiple of 8
     ("auto", "bfloat16", 64, False, True, "tpu", 1024, "xla"),
     ("auto", "float32", 64, False, True, "cpu", 1024, "xla_blocks"),
-    ("auto", "float32", 64, False, False, "cpu", 1024, "xla"),
+    ("auto", "float32", 64, False, False, "cpu", 1000, "xla_blocks"),  # an encoder's: any length
     ("auto", "float32", 64, False, True, "cpu", 96, "xla"),  # not whole blocks
     ("xla", "bfloat16", 64, False, True, "gpu", 1024, "xla_blocks"),
     ("cudnn", "bfloat16", 64, True, True, "gpu", 1024, "cudnn"),

@@ -28,7 +28,7 @@ def attention_mask(segment_ids: jax.Array | None, seq_len: int, causal: bool = T
     return mask
 
 
-CAUSAL_BLOCK = 64  # query rows per block of causal_blocked_attention (the smallest: see causal_block)
+CAUSAL_BLOCK = 64  # query rows per block of blocked_attention (the smallest: see causal_block)
 PACKED_SEGMENTS = 8  # runs of a row that cuDNN's packed attention is given room for
 
 
@@ -43,7 +43,7 @@ def _on_cuda() -> bool:
 
 
 def causal_block(seq_len: int) -> int:
-    """Query rows per block of ``causal_blocked_attention`` over ``seq_len`` tokens: 128
+    """Query rows per block of ``blocked_attention`` over ``seq_len`` tokens: 128
     from 512 tokens on (when it divides them), else ``CAUSAL_BLOCK``. Larger blocks mean
     fewer, larger products but more of the hidden half computed; on a CPU, 128 was the
     faster train step at 512 tokens and 64 at 256 (docs/performance.md)."""
@@ -59,8 +59,9 @@ def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal
       the causal mask as its mask type, so it skips the blocks the mask hides. Chosen by
       ``model.attention = cudnn``, or by auto on an NVIDIA GPU for bfloat16 with head
       dimensions cuDNN takes (a multiple of 8, at most 128) and no logit bias.
-    - ``xla_blocks``: XLA by blocks of ``causal_block(seq_len)`` queries (``causal_blocked_attention``):
-      causal attention where XLA computes it on a CPU, with at least two whole blocks.
+    - ``xla_blocks``: XLA by blocks of ``causal_block(seq_len)`` queries (``blocked_attention``),
+      with its written-out gradient: where XLA computes attention on a CPU; causal
+      attention with at least two whole blocks, skipping the keys after each block.
     - ``xla``: XLA's dense computation under the boolean mask.
 
     ``backend``: the platform deciding ``auto`` (default: JAX's default backend, with
@@ -74,7 +75,7 @@ def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal
         if cfg.dtype in ("bfloat16", "float16") and fits and not has_bias:
             return "cudnn"
     on_cpu_xla = cfg.attention == "xla" or (cfg.attention == "auto" and backend == "cpu")
-    if causal and on_cpu_xla and seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK:
+    if on_cpu_xla and (not causal or (seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK)):
         return "xla_blocks"
     return "xla"
 
@@ -137,22 +138,24 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                                         implementation="cudnn")
 
 
-def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
-                             scale: float | None, block: int | None = None) -> jax.Array:
-    """``jax.nn.dot_product_attention``'s XLA computation under a causal ``mask``
-    [batch or 1, 1, seq, seq], by blocks of ``block`` queries (default: ``causal_block``
-    of the row's length), each over the keys up to its last query: the keys after it are
-    masked for every query of the block, so their scores, softmax and products (nearly
-    half of the whole) are never computed. The
-    result is the full computation's: the skipped keys' weights are exactly 0 there.
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+                      scale: float | None, block: int | None = None, causal: bool = True) -> jax.Array:
+    """``jax.nn.dot_product_attention``'s XLA computation under ``mask`` [batch or 1, 1,
+    seq, seq], by blocks of ``block`` queries (default: ``causal_block`` of the row's
+    length). With ``causal`` (a causal ``mask``) each block goes over the keys up to its
+    last query: the keys after it are masked for every query of the block, so their
+    scores, softmax and products (nearly half of the whole) are never computed; the
+    result is the full computation's, the skipped keys' weights being exactly 0 there.
+    Without, each block goes over every key.
 
-    Queries, keys and values are laid out [batch, heads, seq, head_dim] once, so that
-    every block's products are batched matmuls over contiguous rows; per block in the
+    Queries, keys and values are laid out once as [batch, kv_heads, seq x group,
+    head_dim] (a group's query heads side by side at each position), so that every
+    block's products are plain batched matmuls over contiguous rows: per block in the
     [batch, seq, heads, head_dim] layout, XLA:CPU copied each block's keys and values
-    into that layout again (a quarter of a CPU's attention time). The numerics are
-    ``jax.nn.dot_product_attention``'s: float32 logits, scaled, biased, masked to a
-    large negative float32, softmax in float32, probabilities in the values' dtype.
-    Grouped queries (fewer key/value heads) share their group's keys and values.
+    into that layout again, and with the group as an axis of its own it ran the
+    products 15-20% slower. The numerics are ``jax.nn.dot_product_attention``'s: float32
+    logits, scaled, biased, masked to a large negative float32, softmax in float32,
+    probabilities in the values' dtype.
 
     The gradient is written out (``_blocked_attention_bwd``) rather than derived by
     autodiff: with each row's dot product of output and output gradient computed once,
@@ -163,68 +166,86 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     group = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     block = causal_block(seq_len) if block is None else block
-    qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, g, seq, d]
+    if mask is None:
+        mask = jnp.ones((1, 1, seq_len, seq_len), jnp.bool_)
+    qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(
+        batch, kv_heads, seq_len * group, head_dim)  # [b, kv, seq x g, d]
     kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, kv, seq, d]
-    if bias is not None:
-        bias = bias.reshape(bias.shape[0], kv_heads, group, *bias.shape[2:])
-    out = _blocked_attention(qt, kt, vt, mask[:, :, None], bias, float(scale), block)  # [b, kv, g, seq, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq_len, heads, head_dim)
+    if bias is not None:  # [b or 1, heads, seq, seq] -> [b or 1, kv, seq x g, seq]
+        bias = jnp.broadcast_to(bias, (bias.shape[0], heads, seq_len, bias.shape[-1]))
+        bias = bias.reshape(bias.shape[0], kv_heads, group, seq_len, -1).transpose(0, 1, 3, 2, 4).reshape(
+            bias.shape[0], kv_heads, seq_len * group, -1)
+    out = _blocked_attention(qt, kt, vt, mask, bias, float(scale), block, group, causal)  # [b, kv, seq x g, d]
+    return out.reshape(batch, kv_heads, seq_len, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(
+        batch, seq_len, heads, head_dim)
 
 
-def _blocked_attention_fwd(q, k, v, mask, bias, scale, block):
-    """Each block's output and probabilities (float32): ``q`` [b, kv, g, seq, d], ``k`` and
-    ``v`` [b, kv, seq, d], ``mask`` [b or 1, 1, 1, seq, seq], ``bias`` [b or 1, kv, g, seq, seq]."""
+def _block_mask(mask, start, end, keys, group):
+    """The mask's rows of queries ``start:end`` over keys ``:keys``, each row repeated for
+    the ``group`` query heads of its position ([b or 1, 1, (end - start) x group, keys])."""
+    m = mask[..., start:end, :keys]
+    return jnp.repeat(m, group, axis=-2) if group > 1 else m
+
+
+def _blocked_attention_fwd(q, k, v, mask, bias, scale, block, group, causal):
+    """Each block's output and probabilities (float32): ``q`` [b, kv, seq x g, d], ``k`` and
+    ``v`` [b, kv, seq, d], ``mask`` [b or 1, 1, seq, seq], ``bias`` [b or 1, kv, seq x g, seq]."""
     lowest = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)  # as jax.nn.dot_product_attention
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+    seq_len = k.shape[2]
     outs, probs = [], []
-    for start in range(0, q.shape[3], block):
-        end = start + block
-        logits = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, start:end], k[:, :, :end],
+    for start in range(0, seq_len, block):
+        end = min(start + block, seq_len)
+        keys = end if causal else seq_len
+        rows = slice(start * group, end * group)
+        logits = jnp.einsum("bkqd,bksd->bkqs", q[:, :, rows], k[:, :, :keys],
                             precision=precision, preferred_element_type=jnp.float32)
         logits = logits * jnp.float32(scale)
         if bias is not None:
-            logits = (logits + bias[..., start:end, :end]).astype(jnp.float32)
-        logits = jnp.where(mask[..., start:end, :end], logits, lowest)
+            logits = (logits + bias[:, :, rows, :keys]).astype(jnp.float32)
+        logits = jnp.where(_block_mask(mask, start, end, keys, group), logits, lowest)
         p = jax.nn.softmax(logits, axis=-1)
         probs.append(p)
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[:, :, :end]))
-    return jnp.concatenate(outs, axis=3), probs
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v[:, :, :keys]))
+    return jnp.concatenate(outs, axis=2), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked_attention(q, k, v, mask, bias, scale, block):
-    return _blocked_attention_fwd(q, k, v, mask, bias, scale, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blocked_attention(q, k, v, mask, bias, scale, block, group, causal):
+    return _blocked_attention_fwd(q, k, v, mask, bias, scale, block, group, causal)[0]
 
 
-def _blocked_attention_vjp_fwd(q, k, v, mask, bias, scale, block):
-    out, probs = _blocked_attention_fwd(q, k, v, mask, bias, scale, block)
+def _blocked_attention_vjp_fwd(q, k, v, mask, bias, scale, block, group, causal):
+    out, probs = _blocked_attention_fwd(q, k, v, mask, bias, scale, block, group, causal)
     return out, (q, k, v, mask, bias, out, probs)
 
 
-def _blocked_attention_bwd(scale, block, residuals, g):
+def _blocked_attention_bwd(scale, block, group, causal, residuals, g):
     """Gradients of ``_blocked_attention`` from its saved probabilities: for a block's
     probabilities P and output gradient dO, dV += P^T dO, dP = dO V^T, and the logits'
     gradient dS = P (dP - rowsum(dO * O)), masked (what autodiff of the masked softmax
     gives); dQ = scale dS K, dK += scale dS^T Q, the bias's gradient dS."""
     q, k, v, mask, bias, out, probs = residuals
     f32 = jnp.float32
-    delta = sum_last_axis(g.astype(f32) * out.astype(f32))[..., None]  # [b, kv, g, seq, 1]
+    seq_len = k.shape[2]
+    delta = sum_last_axis(g.astype(f32) * out.astype(f32))[..., None]  # [b, kv, seq x g, 1]
     dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
     dbias = None if bias is None else jnp.zeros(bias.shape, f32)
-    for i, start in enumerate(range(0, q.shape[3], block)):
-        end = start + block
-        p, gi = probs[i], g[:, :, :, start:end]
-        dv = dv.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", p.astype(v.dtype), gi, preferred_element_type=f32))
-        dp = jnp.einsum("bkgqd,bksd->bkgqs", gi, v[:, :, :end], preferred_element_type=f32)
-        ds = jnp.where(mask[..., start:end, :end], p * (dp - delta[:, :, :, start:end]), f32(0))
+    for i, start in enumerate(range(0, seq_len, block)):
+        end = min(start + block, seq_len)
+        keys = end if causal else seq_len
+        rows = slice(start * group, end * group)
+        p, gi = probs[i], g[:, :, rows]
+        dv = dv.at[:, :, :keys].add(jnp.einsum("bkqs,bkqd->bksd", p.astype(v.dtype), gi, preferred_element_type=f32))
+        dp = jnp.einsum("bkqd,bksd->bkqs", gi, v[:, :, :keys], preferred_element_type=f32)
+        ds = jnp.where(_block_mask(mask, start, end, keys, group), p * (dp - delta[:, :, rows]), f32(0))
         if bias is not None:
             summed = tuple(a for a in range(ds.ndim) if bias.shape[a] == 1 and ds.shape[a] != 1)
-            dbias = dbias.at[..., start:end, :end].set(jnp.sum(ds, axis=summed, keepdims=True))
+            dbias = dbias.at[:, :, rows, :keys].set(jnp.sum(ds, axis=summed, keepdims=True))
         ds = (ds * f32(scale)).astype(q.dtype)
-        dq.append(jnp.einsum("bkgqs,bksd->bkgqd", ds, k[:, :, :end], preferred_element_type=f32))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", ds, q[:, :, :, start:end],
-                                              preferred_element_type=f32))
-    dq = jnp.concatenate(dq, axis=3).astype(q.dtype)
+        dq.append(jnp.einsum("bkqs,bksd->bkqd", ds, k[:, :, :keys], preferred_element_type=f32))
+        dk = dk.at[:, :, :keys].add(jnp.einsum("bkqs,bkqd->bksd", ds, q[:, :, rows], preferred_element_type=f32))
+    dq = jnp.concatenate(dq, axis=2).astype(q.dtype)
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None if bias is None else dbias.astype(bias.dtype)
 
 
@@ -350,7 +371,7 @@ class Attention(nn.Module):
             out = cudnn_attention(q, k, v, None if self.cross else segments, self.causal and not self.cross,
                                   1.0 if t5 else head_dim**-0.5, bias, given)
         elif kernel == "xla_blocks":
-            out = causal_blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None)
+            out = blocked_attention(q, k, v, mask, bias, scale=1.0 if t5 else None, causal=self.causal)
         else:
             out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0 if t5 else None,
                                                implementation="xla")

@@ -307,7 +307,7 @@ def read(path: str, step: int | None = None) -> Exported:
 
 # Model settings that leave the parameters' meaning unchanged: a run may start from an
 # export whose config differs in these.
-_FREE_MODEL_SETTINGS = ("dropout", "dtype", "attention", "scan_layers", "remat", "init_std")
+_FREE_MODEL_SETTINGS = ("dropout", "dtype", "attention", "scan_layers", "scan_unroll", "remat", "init_std")
 
 
 def _matching_export(path: str, m: ModelConfig, tokenizer_fingerprint: str) -> Any:

@@ -71,6 +71,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         (["no_equals_sign"], "key=value"),
         (["train.loss_chunk_len=-8"], "train.loss_chunk_len"),
         (["objective.max_predictions=-1"], "objective.max_predictions"),
+        (["model.scan_unroll=0"], "model.scan_unroll"),
         (["classify.labels=[yes,no]", "data.format=csv", "train.sample_tokens=0", "train.loss_chunk_len=8"], "train.loss_chunk_len=0"),
     ],
 )

@@ -102,6 +102,32 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_an_unrolled_scan_keeps_the_loops_parameters_and_function():
+    """``model.scan_unroll = num_layers``: the same stacked parameters and the same outputs
+    and gradients as the loop, with no loop left in the compiled gradient; under remat
+    the blocks' forward products are still computed again in the backward pass."""
+    import re
+
+    tokens, positions, segment_ids = packed_inputs(np.random.default_rng(3))
+
+    def compiled_grad(cfg):
+        model, params = init_params(cfg, tokens)
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens, positions, segment_ids) ** 2)))
+        return params, grad(params), grad.lower(params).compile().as_text()
+
+    loop_params, loop_grads, loop_hlo = compiled_grad(BASE)
+    params, grads, hlo = compiled_grad(dataclasses.replace(BASE, scan_unroll=BASE.num_layers))
+    assert jax.tree.structure(params) == jax.tree.structure(loop_params)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loop_params)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(loop_grads)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert re.search(r"\bwhile\(", loop_hlo) and not re.search(r"\bwhile\(", hlo)
+    dots = [len(re.findall(r"\bdot\(", compiled_grad(dataclasses.replace(BASE, scan_unroll=2, remat=r))[2]))
+            for r in ("none", "full")]
+    assert dots[1] > dots[0]  # remat's recomputation is not merged away
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
 def test_remat_leaves_gradients_unchanged(policy):
     tokens, positions, segment_ids = packed_inputs(np.random.default_rng(4))

@@ -75,8 +75,8 @@ class Block(nn.Module):
 
 class BlockStack(nn.Module):
     """``num_layers`` blocks (default ``model.num_layers``): one scanned loop (parameters
-    stacked on a leading ``layers`` axis, so compile time does not grow with depth) or an
-    unrolled Python loop. ``cross``: decoder blocks of an encoder-decoder (see ``Block``).
+    stacked on a leading ``layers`` axis, so compile time does not grow with depth;
+    ``model.scan_unroll`` blocks per iteration) or an unrolled Python loop. ``cross``: decoder blocks of an encoder-decoder (see ``Block``).
 
     A KV cache holds every layer's keys and values stacked on a leading [layers] axis
     either way, updated in place layer by layer; with one, the stack returns (x, the
@@ -99,7 +99,10 @@ class BlockStack(nn.Module):
         num_layers = self.num_layers or cfg.num_layers
         block = Block
         if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+            # A loop keeps XLA from merging the recomputation with the forward pass; unrolled
+            # blocks need remat's own barrier.
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers or cfg.scan_unroll > 1)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -108,6 +111,7 @@ class BlockStack(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                          nn.broadcast, nn.broadcast),
                 length=num_layers,
+                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layer_ids = None if cache is None else jax.numpy.arange(num_layers)

@@ -1,10 +1,14 @@
-"""t2x next to Hugging Face ``transformers``' PyTorch GPT-2, training the same thing.
+"""t2x next to Hugging Face ``transformers``' PyTorch GPT-2 (and BERT), training the same thing.
 
 For each shape both train a GPT-2 (learned positions, LayerNorm, tanh-GELU, biases, tied
 embeddings) from the same initial weights (t2x's, copied across with t2x's own
 Hugging Face export mapping) on the same batches of whole-document rows, with the same
 optimizer: AdamW with weight decay on matrices and embeddings, t2x's learning-rate
-schedule step by step, gradients clipped to norm 1, float32 throughout.
+schedule step by step, gradients clipped to norm 1, float32 throughout. The
+``bert_small`` shape does the same with a BERT (``BertForMaskedLM``) trained by masked
+LM: the peer reads the inputs and targets of t2x's own masks for each step; it runs its
+masked-LM head at every position, as ``transformers`` does, and t2x at the chosen ones
+(``objective.max_predictions``).
 
 1. **Equal work**: ``--loss-steps`` steps of each on the same fixed batches; the losses
    after them must agree (``--loss-tolerance``), or the comparison stops there.
@@ -17,7 +21,8 @@ schedule step by step, gradients clipped to norm 1, float32 throughout.
 
 Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
 
-    python benchmarks/peers.py                       # both shapes
+    python benchmarks/peers.py                       # both GPT-2 shapes
+    python benchmarks/peers.py --shapes bert_small   # BERT, masked LM
     python benchmarks/peers.py --shapes small --rounds 5
     python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
     python benchmarks/peers.py --peer-malloc keep    # the peer with t2x's allocator setting
@@ -42,20 +47,25 @@ import numpy as np
 from t2x import hostmem
 from t2x.bench import StepBench, matmul_peak_flops
 from t2x.config import load_config
-from t2x.flops import training_flops_per_step
-from t2x.hf.decoder import GPT2, hf_config, tensors
+from t2x.flops import run_flops_per_step
+from t2x.hf import bert as hf_bert
+from t2x.hf import decoder as hf_decoder
 from t2x.train.state import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
-SHAPES = {
+SMALL = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536", "model.vocab_size=8192",
+         "model.max_seq_len=256", "data.seq_len=256", "train.global_batch_size=8", "data.tokenizer=builtin:4096"]
+SHAPES = {  # name: (config, overrides)
     # 6 layers, d_model 384, 6 heads, seq 256, batch 8, vocabulary 8192.
-    "small": ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.d_ff=1536",
-              "model.vocab_size=8192", "model.max_seq_len=256", "data.seq_len=256", "train.global_batch_size=8",
-              "data.tokenizer=builtin:4096"],
+    "small": ("gpt2_small.yaml", SMALL),
     # GPT-2 small (124M) at seq 512, batch 4.
-    "gpt2_small": ["model.max_seq_len=512", "data.seq_len=512", "train.global_batch_size=4", "data.tokenizer=builtin:4096"],
+    "gpt2_small": ("gpt2_small.yaml", ["model.max_seq_len=512", "data.seq_len=512", "train.global_batch_size=4",
+                                       "data.tokenizer=builtin:4096"]),
+    # BERT (post-norm, exact GELU, token types) of the small shape, masked LM.
+    "bert_small": ("bert_base.yaml", SMALL),
 }
+GPT2_SHAPES = ["small", "gpt2_small"]
 COMMON = ["model.dtype=float32", "model.remat=none", "model.dropout=0.0", "train.z_loss=0.0", "mesh.data=1",
           "data.num_shards=1", "optim.warmup_steps=10", "train.steps=10000", "optim.clip_norm=1.0"]
 
@@ -71,20 +81,28 @@ def whole_document_rows(rows: int, seq_len: int, vocab_size: int, rng: np.random
     }
 
 
-class TorchGPT2:
-    """``transformers``' GPT2LMHeadModel with given weights (``tensors``, named as in
-    transformers), trained as t2x trains: learning rate ``lrs[step]``."""
+class TorchPeer:
+    """``transformers``' GPT2LMHeadModel (``family`` decoder) or BertForMaskedLM (encoder)
+    with given weights (``tensors``, named as in transformers), trained as t2x trains:
+    learning rate ``lrs[step]``, step i on ``batches[i % len(batches)]``, each
+    ``(input ids, labels)`` with -100 where nothing is predicted."""
 
-    def __init__(self, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches, bos_id: int):
+    def __init__(self, family: str, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches):
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
         self.torch = torch
-        self.model = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}))
+        settings = {k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}
+        if family == "decoder":
+            self.model, tied = GPT2LMHeadModel(GPT2Config(**settings)), ("lm_head.weight",)
+        else:
+            self.model, tied = BertForMaskedLM(BertConfig(**settings)), ("cls.predictions.decoder.weight",
+                                                                           "cls.predictions.decoder.bias")
         state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight" and not k.endswith("attn.bias")]:
-            raise RuntimeError(f"weights do not match GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
+        if unexpected or [k for k in missing if k not in tied and not k.endswith(("attn.bias", "position_ids"))]:
+            raise RuntimeError(f"weights do not match {type(self.model).__name__}: missing {missing}, "
+                               f"unexpected {unexpected}")
         self.model.train()
         named = list(self.model.named_parameters())
         groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": optim["weight_decay"]},
@@ -92,21 +110,17 @@ class TorchGPT2:
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
                                            foreach=True)
         self.clip, self.lrs, self.step_count = optim["clip_norm"], lrs, 0
-        self.batches = []
-        for b in batches:  # inputs: BOS then each token's predecessor (t2x's causal_lm on whole rows)
-            tokens = torch.from_numpy(b["tokens"].astype(np.int64))
-            inputs = torch.cat([torch.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], 1)
-            self.batches.append((inputs, tokens))
+        self.batches = [tuple(torch.from_numpy(x.astype(np.int64)) for x in b) for b in batches]
 
     def run(self, steps: int) -> list[float]:
         torch, times, vocab = self.torch, [], self.model.config.vocab_size
-        for i in range(steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
-            inputs, targets = self.batches[i % len(self.batches)]
+            inputs, labels = self.batches[self.step_count % len(self.batches)]
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lrs[self.step_count]
             logits = self.model(input_ids=inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -117,14 +131,39 @@ class TorchGPT2:
         return times
 
 
+def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The peer's (input ids, labels) for steps 0 .. ``steps`` - 1 on ``rows`` in turn: a
+    decoder's BOS then each token's predecessor, predicting every token (t2x's causal LM
+    on whole rows); an encoder's inputs and targets from t2x's own masked-LM objective
+    with the key of that step, -100 at the positions it does not predict."""
+    if cfg.model.family == "decoder":
+        return [(np.concatenate([np.full_like(r["tokens"][:, :1], bos_id), r["tokens"][:, :-1]], 1), r["tokens"])
+                for r in rows]
+    from t2x.components import build
+    from t2x.families import data_key, task
+
+    objective = jax.jit(task(cfg).objective(cfg, build(cfg).tokenizer))
+    out = []
+    for step in range(steps):
+        example = jax.device_get(objective(rows[step % len(rows)], data_key(cfg.train.seed, step)))
+        labels = np.full(example["model"]["tokens"].shape, -100, np.int64)
+        at, predicted = example["model"].get("predict_at"), example["weights"] > 0
+        if at is None:
+            labels[predicted] = example["targets"][predicted]
+        else:
+            np.put_along_axis(labels, at, np.where(predicted, example["targets"], -100), axis=1)
+        out.append((example["model"]["tokens"], labels))
+    return out
+
+
 def _torch_worker(conn, keep_memory: bool, *args) -> None:
     """The peer in a process of its own (so neither library's threads wait, spinning, on
-    the other's turn): builds ``TorchGPT2(*args)``, then runs steps on request.
+    the other's turn): builds ``TorchPeer(*args)``, then runs steps on request.
     ``keep_memory``: glibc keeps freed memory as in t2x's process (``t2x.hostmem``);
     otherwise the peer runs with the allocator as its users get it."""
     if keep_memory:
         hostmem.keep_freed_memory("keep")
-    peer = TorchGPT2(*args)
+    peer = TorchPeer(*args)
     conn.send(sum(p.numel() for p in peer.model.parameters()))
     while (steps := conn.recv()) is not None:
         conn.send((peer.run(steps), peer.last_loss))
@@ -151,7 +190,8 @@ def _torch_facts() -> tuple[float, str, int]:
 
 
 def compare(shape: str, args, peaks: dict) -> dict:
-    cfg = load_config(REPO / "configs" / "gpt2_small.yaml", [*SHAPES[shape], *COMMON, *args.t2x])
+    config, overrides = SHAPES[shape]
+    cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     rows = [whole_document_rows(batch, seq, m.vocab_size, rng) for _ in range(4)]
@@ -162,11 +202,17 @@ def compare(shape: str, args, peaks: dict) -> dict:
     lrs = [float(v) for v in jax.device_get(jax.vmap(schedule)(np.arange(total)))]
     o = cfg.optim
     optim = {"weight_decay": o.weight_decay, "b1": o.b1, "b2": o.b2, "eps": o.eps, "clip_norm": o.clip_norm}
-    hf = hf_config(m, GPT2, "float32", {"bos_token": ours.bos_id, "eos_token": ours.bos_id})
+    specials = {"bos_token": ours.bos_id, "eos_token": ours.bos_id}
+    if m.family == "decoder":
+        hf, weights = hf_decoder.hf_config(m, hf_decoder.GPT2, "float32", specials), hf_decoder.tensors(
+            m, hf_decoder.GPT2, params)
+    else:
+        hf, weights = hf_bert.hf_config(m, hf_bert.MASKED_LM, "float32", specials), hf_bert.tensors(m, params)
     conn, theirs = multiprocessing.get_context("spawn").Pipe()
     worker = multiprocessing.get_context("spawn").Process(
         target=_torch_worker, daemon=True,
-        args=(theirs, args.peer_malloc == "keep", hf, tensors(m, GPT2, params), optim, lrs, rows, ours.bos_id))
+        args=(theirs, args.peer_malloc == "keep", m.family, hf, weights, optim, lrs,
+              peer_batches(cfg, rows, ours.bos_id, args.loss_steps)))
     worker.start()
     peer_params = conn.recv()
 
@@ -191,7 +237,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
     finally:
         conn.send(None)
         worker.join(timeout=60)
-    flops = training_flops_per_step(m, batch, seq)
+    flops = run_flops_per_step(cfg)  # the model's FLOPs, for both (the peer's head at every position: more)
     t2x_s, torch_s = statistics.median(ours_times), statistics.median(peer_times)
     return {**result,
             "t2x_step_seconds": t2x_s, "torch_step_seconds": torch_s,
@@ -205,7 +251,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=GPT2_SHAPES)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each per round")
     parser.add_argument("--loss-steps", type=int, default=30, help="steps before the losses are compared")

@@ -8,7 +8,7 @@ date, the machine (CPU, cores, library versions, XLA's and PyTorch's float32
 matrix-multiply peaks), then for each measurement its exact command and the figures it
 printed, and for each lever its before and after, measured in the same run.
 
-    python benchmarks/report.py                      # everything: about 90 minutes on 2 cores
+    python benchmarks/report.py                      # everything: about 100 minutes on 2 cores
     python benchmarks/report.py --only compressor quickstart levers
     python benchmarks/report.py --render FILE.jsonl  # rewrite the page from a saved run
 
@@ -33,14 +33,14 @@ import time
 import typing
 from pathlib import Path
 
-from peers import SHAPES as PEER_SHAPES  # this folder, on the path of a script run from it
+from peers import SMALL as PEER_SMALL  # this folder, on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "performance.md"
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
 # The peers' ``small`` shape on the built-in corpus, as a t2x config's overrides.
-SMALL = [*PEER_SHAPES["small"], "mesh.data=1", "data.num_shards=1", "model.dtype=float32"]
+SMALL = [*PEER_SMALL, "mesh.data=1", "data.num_shards=1", "model.dtype=float32"]
 BENCH = ["t2x", "bench", "configs/tiny.yaml", *SMALL, "model.remat=none", "model.scan_layers=true", "--steps", "10"]
 
 
@@ -67,6 +67,10 @@ MEASUREMENTS = [
                 ["python", "benchmarks/peers.py", "--shapes", "small"], PEER_KEYS),
     Measurement("peers_gpt2_small", "the same at GPT-2 small (124M), sequence 512, batch 4, layers unrolled",
                 ["python", "benchmarks/peers.py", "--shapes", "gpt2_small", "--t2x", "model.scan_layers=false"],
+                PEER_KEYS),
+    Measurement("peers_bert_small", "t2x next to transformers' BertForMaskedLM (the small shape, masked LM on "
+                "t2x's own masks), layers unrolled",
+                ["python", "benchmarks/peers.py", "--shapes", "bert_small", "--t2x", "model.scan_layers=false"],
                 PEER_KEYS),
     Measurement("compressor", "general-purpose compressors on the built-in held-out split, trained text as dictionary",
                 ["python", "benchmarks/compressor.py"], ("compressor", "held_out_bits_per_byte")),
@@ -106,6 +110,8 @@ LEVERS = {
     "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
     "loss_chunks": Lever("the loss's logits 64 positions of each row at a time (`train.loss_chunk_len=64`), never the "
                          "whole batch's", after=("train.loss_chunk_len=64",)),
+    "scan_unroll": Lever("the scanned layers' loop unrolled (`model.scan_unroll=6`), the parameters still stacked",
+                         after=("model.scan_unroll=6",)),
     "mlm_chosen": Lever("BERT's masked-LM head at each row's chosen positions (the default `objective.max_predictions`: "
                         "40 of bert_tiny's 128) instead of every position", before=("objective.max_predictions=0",),
                         bench=("t2x", "bench", "configs/bert_tiny.yaml", "mesh.data=1", "data.num_shards=1",

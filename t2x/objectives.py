@@ -75,9 +75,10 @@ def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
 
 def _chunked(x: jax.Array, chunk_len: int, groups: int) -> jax.Array:
     """[batch, seq, ...] -> [chunks, groups, batch / groups x length, ...]: the sequence
-    cut into as few chunks of at most ``chunk_len`` positions as it takes, of one length
-    (the last padded with zeros: 120 positions by 64 are 2 chunks of 60), and each
-    chunk's positions in ``groups`` groups of whole rows, row by row."""
+    cut into as few chunks of at most ``chunk_len`` positions as it takes, all of one
+    length (120 positions by 64: 2 chunks of 60; the last padded with zeros where the
+    length does not divide the row), and each chunk's positions in ``groups`` groups of
+    whole rows, row by row."""
     batch, seq = x.shape[:2]
     chunk_len = -(-seq // -(-seq // chunk_len))
     pad = -seq % chunk_len

@@ -485,6 +485,8 @@ class Checkpointer:
             names or shapes than the run's.
           DamagedCheckpointError: files are missing, unreadable, or fail their checksums.
         """
+        # Before any read: a failed read's other threads report their noise as it fails.
+        _quiet_closed_loop_noise()
         checksums = self._checksums(step).get("arrays", {})
         restored = {}
         for item, tree in abstract.items():

@@ -511,7 +511,6 @@ class Checkpointer:
 
     def _explain_failure(self, step: int, item: str, expected: Any, error: BaseException | None):
         """Tell a checkpoint that does not fit the run from a damaged one."""
-        _quiet_closed_loop_noise()
         saved = self.saved_shapes(step, item)
         wanted = _leaf_shapes(expected)
         differences = (

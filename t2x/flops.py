@@ -27,11 +27,14 @@ def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in matmuls: every block's projections plus the unembedding
     (and an encoder's masked-LM transform; an encoder-decoder's decoder blocks with their
     cross-attention)."""
-    d = cfg.d_model
     attention, mlp = _block_params(cfg)
-    head = d * d if cfg.family == "encoder" else 0
     decoder = cfg.decoder_layers * (2 * attention + mlp) if cfg.family == "encoder_decoder" else 0
-    return cfg.num_layers * (attention + mlp) + decoder + head + d * cfg.vocab_size
+    return cfg.num_layers * (attention + mlp) + decoder + _head_params(cfg)
+
+
+def _head_params(cfg: ModelConfig) -> int:
+    """The unembedding's weights (and an encoder's masked-LM transform's)."""
+    return cfg.d_model * (cfg.vocab_size + (cfg.d_model if cfg.family == "encoder" else 0))
 
 
 def _block_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -51,9 +54,15 @@ def run_flops_per_step(cfg: Config, target_len: int | None = None) -> float:
     if not cfg.classify.enabled:
         return training_flops_per_step(m, batch, seq, target_len=target_len,
                                        predictions=cfg.objective.predictions_per_row(seq))
-    dense = 2 * batch * seq * m.num_layers * sum(_block_params(m))
-    scores = 4 * batch * m.num_heads * m.head_size * seq**2 * m.num_layers / (2 if m.family == "decoder" else 1)
-    return 3.0 * (dense + scores)
+    return 3.0 * _blocks_forward_flops(m, batch, seq, causal=m.family == "decoder")
+
+
+def _blocks_forward_flops(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool) -> float:
+    """Forward FLOPs of ``cfg.num_layers`` self-attention blocks: their products and
+    attention's scores (halved for causal attention)."""
+    dense = 2 * batch_size * seq_len * cfg.num_layers * sum(_block_params(cfg))
+    scores = 4 * batch_size * cfg.num_heads * cfg.head_size * seq_len**2 * cfg.num_layers
+    return dense + (scores / 2 if causal else scores)
 
 
 def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, causal: bool | None = None,
@@ -74,8 +83,8 @@ def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, cau
     """
     if causal is None:
         causal = cfg.family == "decoder"
-    per_head = 4 * batch_size * cfg.num_heads * cfg.head_size
     if cfg.family == "encoder_decoder":
+        per_head = 4 * batch_size * cfg.num_heads * cfg.head_size
         t, d, heads, kv, hd = target_len or seq_len, cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
         query_out, key_value = 2 * d * heads * hd, 2 * d * kv * hd  # projections of queries and outputs; keys and values
         mlp = d * cfg.d_ff * (3 if cfg.mlp in ("swiglu", "geglu") else 2)
@@ -86,14 +95,9 @@ def training_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int, cau
         dense = 2 * batch_size * (encoder + decoder + t * d * cfg.vocab_size)
         scores = per_head * (cfg.num_layers * seq_len**2 + cfg.decoder_layers * (t**2 / 2 + t * seq_len))
         return 3.0 * (dense + scores)
-    tokens = batch_size * seq_len
-    dense = 2 * tokens * matmul_params(cfg)
-    if cfg.family == "encoder" and predictions is not None:
-        dense -= 2 * batch_size * (seq_len - min(predictions, seq_len)) * cfg.d_model * (cfg.d_model + cfg.vocab_size)
-    attention = per_head * seq_len**2 * cfg.num_layers
-    if causal:
-        attention /= 2
-    return 3.0 * (dense + attention)
+    positions = min(predictions, seq_len) if cfg.family == "encoder" and predictions is not None else seq_len
+    head = 2 * batch_size * positions * _head_params(cfg)
+    return 3.0 * (_blocks_forward_flops(cfg, batch_size, seq_len, causal) + head)
 
 
 def peak_flops_per_device(device_kind: str, override: float | None = None) -> float | None:

@@ -55,14 +55,14 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 def token_predictions(logits: jax.Array | VocabLogits, targets: jax.Array,
                       chunk_len: int = 0) -> tuple[jax.Array, jax.Array]:
     """Each position's NLL of its target (float32 [batch, seq]) and its most likely id
-    ([batch, seq]), from logits or from ``VocabLogits``; with ``chunk_len``, computed
-    at most ``chunk_len`` positions of each row at a time (``_chunked``), never holding
-    the whole batch's logits."""
+    ([batch, seq]), from logits or from ``VocabLogits``; with ``chunk_len`` below the
+    row length, computed at most ``chunk_len`` positions of each row at a time
+    (``_chunked``), never holding the whole batch's logits."""
     if not isinstance(logits, VocabLogits):
         return token_losses(logits, targets)[0], jnp.argmax(logits, -1)
-    if not chunk_len:
-        return token_predictions(logits.logits(), targets)
     batch, seq = targets.shape
+    if not chunk_len or chunk_len >= seq:
+        return token_predictions(logits.logits(), targets)
 
     def body(_, xs):
         hidden, chunk_targets = xs  # [batch, chunk_len, ...]

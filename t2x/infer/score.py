@@ -73,7 +73,7 @@ def _programs(module, chunk_len: int):
 
     def log_probs(params, inputs, targets, weights):
         lm = module.apply({"params": params}, inputs, deferred=True)
-        nll, _ = token_predictions(lm, targets, chunk_len if inputs.shape[1] > chunk_len else 0)
+        nll, _ = token_predictions(lm, targets, chunk_len)
         return -(nll * weights).sum(axis=-1)
 
     def hidden(params, inputs, segment_ids):

@@ -143,7 +143,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
                                         implementation="cudnn")
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, bias: jax.Array | None,
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None,
                       scale: float | None, block: int | None = None, causal: bool = True) -> jax.Array:
     """``jax.nn.dot_product_attention``'s XLA computation under ``mask`` [batch or 1, 1,
     seq, seq], by blocks of ``block`` queries (default: ``causal_block`` of the row's
@@ -171,8 +171,6 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     group = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     block = causal_block(seq_len) if block is None else block
-    if mask is None:
-        mask = jnp.ones((1, 1, seq_len, seq_len), jnp.bool_)
     qt = q.reshape(batch, seq_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4).reshape(
         batch, kv_heads, seq_len * group, head_dim)  # [b, kv, seq x g, d]
     kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [b, kv, seq, d]

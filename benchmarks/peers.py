@@ -1,4 +1,4 @@
-"""t2x next to Hugging Face ``transformers``' PyTorch GPT-2 (and BERT), training the same thing.
+"""t2x next to Hugging Face ``transformers``' PyTorch GPT-2 (and BERT, T5), training the same thing.
 
 For each shape both train a GPT-2 (learned positions, LayerNorm, tanh-GELU, biases, tied
 embeddings) from the same initial weights (t2x's, copied across with t2x's own
@@ -8,7 +8,10 @@ schedule step by step, gradients clipped to norm 1, float32 throughout. The
 ``bert_small`` shape does the same with a BERT (``BertForMaskedLM``) trained by masked
 LM: the peer reads the inputs and targets of t2x's own masks for each step; it runs its
 masked-LM head at every position, as ``transformers`` does, and t2x at the chosen ones
-(``objective.max_predictions``).
+(``objective.max_predictions``). ``t5_small`` trains a T5 (``T5ForConditionalGeneration``:
+relative position buckets, RMSNorm, ReLU, no biases, tied embeddings) of the same shape
+(6 encoder and 6 decoder layers) on span-corrupted rows, one piece of text a row, the
+peer reading the same encoder inputs and decoder targets.
 
 1. **Equal work**: ``--loss-steps`` steps of each on the same fixed batches; the losses
    after them must agree (``--loss-tolerance``), or the comparison stops there.
@@ -23,6 +26,7 @@ Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
 
     python benchmarks/peers.py                       # both GPT-2 shapes
     python benchmarks/peers.py --shapes bert_small   # BERT, masked LM
+    python benchmarks/peers.py --shapes t5_small     # T5, span corruption
     python benchmarks/peers.py --shapes small --rounds 5
     python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
     python benchmarks/peers.py --peer-malloc keep    # the peer with t2x's allocator setting
@@ -47,9 +51,9 @@ import numpy as np
 from t2x import hostmem
 from t2x.bench import StepBench, matmul_peak_flops
 from t2x.config import load_config
-from t2x.flops import run_flops_per_step
 from t2x.hf import bert as hf_bert
 from t2x.hf import decoder as hf_decoder
+from t2x.hf import t5 as hf_t5
 from t2x.train.state import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +68,9 @@ SHAPES = {  # name: (config, overrides)
                                        "data.tokenizer=builtin:4096"]),
     # BERT (post-norm, exact GELU, token types) of the small shape, masked LM.
     "bert_small": ("bert_base.yaml", SMALL),
+    # T5 (relative positions, RMSNorm, ReLU) of the small shape, 6 + 6 layers, span corruption.
+    "t5_small": ("t5_small.yaml", [*SMALL, "optim.name=adamw", "optim.lr=1e-3", "optim.weight_decay=0.1",
+                                   "optim.decay=cosine"]),
 }
 GPT2_SHAPES = ["small", "gpt2_small"]
 COMMON = ["model.dtype=float32", "model.remat=none", "model.dropout=0.0", "train.z_loss=0.0", "mesh.data=1",
@@ -81,20 +88,40 @@ def whole_document_rows(rows: int, seq_len: int, vocab_size: int, rng: np.random
     }
 
 
+def span_corrupted_rows(cfg, tokenizer, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Encoder-decoder rows of span-corrupted random text, each row one piece (what T5 in
+    transformers reads without segment masks), by t2x's own corruption and packer."""
+    from t2x.families import span_corruption, task
+
+    low = max(tokenizer.bos_id, tokenizer.eos_id, 3) + 1
+    length = span_corruption(cfg, tokenizer).raw_length
+    documents = [rng.integers(low, cfg.model.vocab_size, length).tolist() for _ in range(rows)]
+    packed = task(cfg).rows(cfg, tokenizer).pack(documents, [np.ones(length, np.int64)] * rows, cfg.data.seq_len,
+                                                 tokenizer, rng)
+    if len(packed["segment_ids"]) != rows or packed["segment_ids"].max() != 1:
+        raise RuntimeError("span corruption did not give one piece a row")
+    return {name: np.asarray(value, np.int32) for name, value in packed.items()}
+
+
 class TorchPeer:
-    """``transformers``' GPT2LMHeadModel (``family`` decoder) or BertForMaskedLM (encoder)
-    with given weights (``tensors``, named as in transformers), trained as t2x trains:
-    learning rate ``lrs[step]``, step i on ``batches[i % len(batches)]``, each
-    ``(input ids, labels)`` with -100 where nothing is predicted."""
+    """``transformers``' GPT2LMHeadModel (``family`` decoder), BertForMaskedLM (encoder)
+    or T5ForConditionalGeneration (encoder_decoder) with given weights (``tensors``, named
+    as in transformers), trained as t2x trains: learning rate ``lrs[step]``, step i on
+    ``batches[i % len(batches)]``, each ``(the model's inputs, labels)`` with -100 where
+    nothing is predicted."""
 
     def __init__(self, family: str, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches):
         import torch
-        from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+        from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, T5Config,
+                                  T5ForConditionalGeneration)
 
         self.torch = torch
         settings = {k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}
         if family == "decoder":
             self.model, tied = GPT2LMHeadModel(GPT2Config(**settings)), ("lm_head.weight",)
+        elif family == "encoder_decoder":
+            self.model, tied = T5ForConditionalGeneration(T5Config(**settings)), (
+                "lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
         else:
             self.model, tied = BertForMaskedLM(BertConfig(**settings)), ("cls.predictions.decoder.weight",
                                                                            "cls.predictions.decoder.bias")
@@ -110,7 +137,8 @@ class TorchPeer:
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
                                            foreach=True)
         self.clip, self.lrs, self.step_count = optim["clip_norm"], lrs, 0
-        self.batches = [tuple(torch.from_numpy(x.astype(np.int64)) for x in b) for b in batches]
+        self.batches = [({k: torch.from_numpy(x.astype(np.int64)) for k, x in inputs.items()},
+                         torch.from_numpy(labels.astype(np.int64))) for inputs, labels in batches]
 
     def run(self, steps: int) -> list[float]:
         torch, times, vocab = self.torch, [], self.model.config.vocab_size
@@ -119,7 +147,7 @@ class TorchPeer:
             inputs, labels = self.batches[self.step_count % len(self.batches)]
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lrs[self.step_count]
-            logits = self.model(input_ids=inputs).logits
+            logits = self.model(**inputs).logits
             loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,14 +159,23 @@ class TorchPeer:
         return times
 
 
-def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The peer's (input ids, labels) for steps 0 .. ``steps`` - 1 on ``rows`` in turn: a
+def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[dict, np.ndarray]]:
+    """The peer's (inputs, labels) for steps 0 .. ``steps`` - 1 on ``rows`` in turn: a
     decoder's BOS then each token's predecessor, predicting every token (t2x's causal LM
-    on whole rows); an encoder's inputs and targets from t2x's own masked-LM objective
-    with the key of that step, -100 at the positions it does not predict."""
+    on whole rows); an encoder-decoder's input row (its padding masked) and BOS then each
+    target's predecessor, predicting the row's targets; an encoder's inputs and targets
+    from t2x's own masked-LM objective with the key of that step, -100 at the positions
+    it does not predict."""
+
+    def after_bos(tokens):
+        return np.concatenate([np.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], 1)
+
     if cfg.model.family == "decoder":
-        return [(np.concatenate([np.full_like(r["tokens"][:, :1], bos_id), r["tokens"][:, :-1]], 1), r["tokens"])
-                for r in rows]
+        return [({"input_ids": after_bos(r["tokens"])}, r["tokens"]) for r in rows]
+    if cfg.model.family == "encoder_decoder":
+        return [({"input_ids": r["tokens"], "attention_mask": r["segment_ids"] > 0,
+                  "decoder_input_ids": after_bos(r["targets"])},
+                 np.where(r["target_segment_ids"] > 0, r["targets"], -100)) for r in rows]
     from t2x.components import build
     from t2x.families import data_key, task
 
@@ -152,7 +189,7 @@ def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[n
             labels[predicted] = example["targets"][predicted]
         else:
             np.put_along_axis(labels, at, np.where(predicted, example["targets"], -100), axis=1)
-        out.append((example["model"]["tokens"], labels))
+        out.append(({"input_ids": example["model"]["tokens"]}, labels))
     return out
 
 
@@ -194,7 +231,13 @@ def compare(shape: str, args, peaks: dict) -> dict:
     cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
-    rows = [whole_document_rows(batch, seq, m.vocab_size, rng) for _ in range(4)]
+    if m.family == "encoder_decoder":
+        from t2x.components import build
+
+        tokenizer = build(cfg).tokenizer
+        rows = [span_corrupted_rows(cfg, tokenizer, batch, rng) for _ in range(4)]
+    else:
+        rows = [whole_document_rows(batch, seq, m.vocab_size, rng) for _ in range(4)]
     ours = StepBench(cfg, devices=jax.devices()[:1], rows=rows)
     params = jax.tree.map(np.asarray, jax.device_get(ours.state.params))
     _, schedule = make_optimizer(cfg)
@@ -206,6 +249,8 @@ def compare(shape: str, args, peaks: dict) -> dict:
     if m.family == "decoder":
         hf, weights = hf_decoder.hf_config(m, hf_decoder.GPT2, "float32", specials), hf_decoder.tensors(
             m, hf_decoder.GPT2, params)
+    elif m.family == "encoder_decoder":
+        hf, weights = hf_t5.hf_config(m, "float32", specials), hf_t5.tensors(m, params)
     else:
         hf, weights = hf_bert.hf_config(m, hf_bert.MASKED_LM, "float32", specials), hf_bert.tensors(m, params)
     conn, theirs = multiprocessing.get_context("spawn").Pipe()
@@ -225,7 +270,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
         _, loss_torch = peer_run(args.loss_steps)
         loss_t2x = ours.last_metrics["loss"]
         same = abs(loss_t2x - loss_torch) <= args.loss_tolerance
-        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq,
+        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq, "target_len": ours.target_len,
                   "vocab_size": m.vocab_size, "loss_steps": args.loss_steps, "loss_t2x": loss_t2x,
                   "loss_torch": loss_torch, "same_loss": same, "peer_malloc": args.peer_malloc}
         if not same:
@@ -237,7 +282,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
     finally:
         conn.send(None)
         worker.join(timeout=60)
-    flops = run_flops_per_step(cfg)  # the model's FLOPs, for both (the peer's head at every position: more)
+    flops = ours.flops_per_step  # the model's FLOPs, for both (the peer's BERT head at every position: more)
     t2x_s, torch_s = statistics.median(ours_times), statistics.median(peer_times)
     return {**result,
             "t2x_step_seconds": t2x_s, "torch_step_seconds": torch_s,

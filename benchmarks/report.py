@@ -8,7 +8,7 @@ date, the machine (CPU, cores, library versions, XLA's and PyTorch's float32
 matrix-multiply peaks), then for each measurement its exact command and the figures it
 printed, and for each lever its before and after, measured in the same run.
 
-    python benchmarks/report.py                      # everything: about 100 minutes on 2 cores
+    python benchmarks/report.py                      # everything: about 105 minutes on 2 cores
     python benchmarks/report.py --only compressor quickstart levers
     python benchmarks/report.py --render FILE.jsonl  # rewrite the page from a saved run
 
@@ -71,6 +71,10 @@ MEASUREMENTS = [
     Measurement("peers_bert_small", "t2x next to transformers' BertForMaskedLM (the small shape, masked LM on "
                 "t2x's own masks), layers unrolled",
                 ["python", "benchmarks/peers.py", "--shapes", "bert_small", "--t2x", "model.scan_layers=false"],
+                PEER_KEYS),
+    Measurement("peers_t5_small", "t2x next to transformers' T5ForConditionalGeneration (the small shape, 6 + 6 "
+                "layers, span corruption), layers unrolled",
+                ["python", "benchmarks/peers.py", "--shapes", "t5_small", "--t2x", "model.scan_layers=false"],
                 PEER_KEYS),
     Measurement("compressor", "general-purpose compressors on the built-in held-out split, trained text as dictionary",
                 ["python", "benchmarks/compressor.py"], ("compressor", "held_out_bits_per_byte")),

@@ -270,9 +270,9 @@ def compare(shape: str, args, peaks: dict) -> dict:
         _, loss_torch = peer_run(args.loss_steps)
         loss_t2x = ours.last_metrics["loss"]
         same = abs(loss_t2x - loss_torch) <= args.loss_tolerance
-        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq, "target_len": ours.target_len,
-                  "vocab_size": m.vocab_size, "loss_steps": args.loss_steps, "loss_t2x": loss_t2x,
-                  "loss_torch": loss_torch, "same_loss": same, "peer_malloc": args.peer_malloc}
+        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq,
+                  "target_len": ours.target_len, "vocab_size": m.vocab_size, "loss_steps": args.loss_steps,
+                  "loss_t2x": loss_t2x, "loss_torch": loss_torch, "same_loss": same, "peer_malloc": args.peer_malloc}
         if not same:
             return result
         ours_times, peer_times = [], []

@@ -51,6 +51,7 @@ import numpy as np
 from t2x import hostmem
 from t2x.bench import StepBench, matmul_peak_flops
 from t2x.config import load_config
+from t2x.data.tokenizer import load_tokenizer
 from t2x.hf import bert as hf_bert
 from t2x.hf import decoder as hf_decoder
 from t2x.hf import t5 as hf_t5
@@ -159,7 +160,7 @@ class TorchPeer:
         return times
 
 
-def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[dict, np.ndarray]]:
+def peer_batches(cfg, rows: list[dict], tokenizer, steps: int) -> list[tuple[dict, np.ndarray]]:
     """The peer's (inputs, labels) for steps 0 .. ``steps`` - 1 on ``rows`` in turn: a
     decoder's BOS then each token's predecessor, predicting every token (t2x's causal LM
     on whole rows); an encoder-decoder's input row (its padding masked) and BOS then each
@@ -168,7 +169,7 @@ def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[d
     it does not predict."""
 
     def after_bos(tokens):
-        return np.concatenate([np.full_like(tokens[:, :1], bos_id), tokens[:, :-1]], 1)
+        return np.concatenate([np.full_like(tokens[:, :1], tokenizer.bos_id), tokens[:, :-1]], 1)
 
     if cfg.model.family == "decoder":
         return [({"input_ids": after_bos(r["tokens"])}, r["tokens"]) for r in rows]
@@ -176,10 +177,9 @@ def peer_batches(cfg, rows: list[dict], bos_id: int, steps: int) -> list[tuple[d
         return [({"input_ids": r["tokens"], "attention_mask": r["segment_ids"] > 0,
                   "decoder_input_ids": after_bos(r["targets"])},
                  np.where(r["target_segment_ids"] > 0, r["targets"], -100)) for r in rows]
-    from t2x.components import build
     from t2x.families import data_key, task
 
-    objective = jax.jit(task(cfg).objective(cfg, build(cfg).tokenizer))
+    objective = jax.jit(task(cfg).objective(cfg, tokenizer))
     out = []
     for step in range(steps):
         example = jax.device_get(objective(rows[step % len(rows)], data_key(cfg.train.seed, step)))
@@ -231,10 +231,8 @@ def compare(shape: str, args, peaks: dict) -> dict:
     cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if m.family == "encoder_decoder":
-        from t2x.components import build
-
-        tokenizer = build(cfg).tokenizer
         rows = [span_corrupted_rows(cfg, tokenizer, batch, rng) for _ in range(4)]
     else:
         rows = [whole_document_rows(batch, seq, m.vocab_size, rng) for _ in range(4)]
@@ -257,7 +255,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
     worker = multiprocessing.get_context("spawn").Process(
         target=_torch_worker, daemon=True,
         args=(theirs, args.peer_malloc == "keep", m.family, hf, weights, optim, lrs,
-              peer_batches(cfg, rows, ours.bos_id, args.loss_steps)))
+              peer_batches(cfg, rows, tokenizer, args.loss_steps)))
     worker.start()
     peer_params = conn.recv()
 

@@ -1,4 +1,6 @@
-"""Test set-up: 8 virtual CPU devices and a persistent compilation cache, before JAX loads."""
+"""Test set-up: 8 virtual CPU devices and a persistent compilation cache, before JAX loads
+(single-device programs only: the first mesh of several CPU devices turns it off, see
+``t2x.parallel.mesh.keep_cpu_collectives_in_order``)."""
 
 import os
 import pathlib

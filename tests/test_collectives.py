@@ -1,6 +1,11 @@
 """The collectives a compiled train step runs, read from its HLO on 8 virtual CPU devices,
 against the mesh's formula (``t2x.parallel.collectives``)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -98,3 +103,35 @@ def test_activation_constraints_reach_the_compiled_step(mesh):
     cfg, by, _, _ = measured(*mesh)
     full_logits = cfg.train.global_batch_size * cfg.data.seq_len * cfg.model.vocab_size * 4
     assert all(v < full_logits for v in by.values())
+
+
+_SHARDED_SUM = """
+import json, os, pathlib
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from t2x.config import MeshConfig
+from t2x.parallel import make_mesh
+
+mesh = make_mesh(MeshConfig(data=-1))
+x = jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("data")))
+total = jax.jit(lambda v: jnp.sum(v * v), out_shardings=NamedSharding(mesh, P()))(x)
+cache = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+print(json.dumps({"total": float(total), "entries": len(list(cache.glob("*"))) if cache.exists() else 0,
+                  "cache_on": jax.config.jax_enable_compilation_cache}))
+"""
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_cpu_programs_with_collectives_are_never_read_back_from_the_compilation_cache(tmp_path, devices):
+    # XLA:CPU's cached form of a program loses the order of its collectives (see
+    # keep_cpu_collectives_in_order): with several CPU devices, nothing is written or read.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
+    out = subprocess.run([sys.executable, "-c", _SHARDED_SUM], env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["total"] == sum(i * i for i in range(64))
+    if devices == 1:
+        assert result["cache_on"] and result["entries"] > 0
+    else:
+        assert not result["cache_on"] and result["entries"] == 0

@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from t2x.config import ConfigError, DistributedConfig
+from t2x.parallel.mesh import keep_cpu_collectives_in_order
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def initialize(cfg: DistributedConfig) -> bool:
         )
     except (ValueError, RuntimeError, TypeError) as e:
         raise ConfigError(f"cannot join the multi-process job that {source} describes ({e})") from None
+    keep_cpu_collectives_in_order()  # before the first program with collectives
     _record_hosts()
     _PeerWatch.start(address, cfg.initialization_timeout)
     log.info(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import AxisType, Mesh
 
 from t2x.config import ConfigError, MeshConfig
@@ -71,14 +72,41 @@ def split_across_granules(shape: tuple[int, ...], granules: int) -> tuple[int, .
     return tuple(across)
 
 
+def keep_cpu_collectives_in_order() -> bool:
+    """Turn JAX's persistent compilation cache off where XLA:CPU programs hold
+    collectives: on the CPU backend with more than one device in the job. Returns
+    whether this call turned it off.
+
+    XLA:CPU runs one program's collectives in the program's order, held by a resource
+    they all share; the form in which the cache keeps a program gives each collective a
+    resource of its own, so a program read back from the cache may run independent
+    collectives at once and in a different order on each device. Across processes (gloo)
+    the ranks then meet in different collectives ("op.preamble.length <= op.nbytes"); in
+    one process the devices waiting in collectives can hold every thread of XLA's pool
+    while a device that has not reached them gets none, and XLA aborts the process after
+    40 s ("Termination timeout for `all gather ...`"). Programs compiled afresh keep the
+    order, and GPU and TPU runtimes order collectives on their own.
+    """
+    if not jax.config.jax_enable_compilation_cache or jax.default_backend() != "cpu" or jax.device_count() < 2:
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # it takes effect from the next compile on
+    if jax.config.jax_compilation_cache_dir:
+        log.info("JAX's persistent compilation cache is off: XLA:CPU programs read back from it can run the "
+                 "collectives of %d devices out of order", jax.device_count())
+    return True
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` over ``devices`` (default: all global devices) with axes data, fsdp, tensor.
 
     Across several hosts (GPU, CPU) or TPU slices the mesh is hybrid: each axis is split
     into a part inside a host or slice and a part across them (``split_across_granules``).
     The axes use classic automatic (GSPMD) sharding: jit in/out shardings and logical
-    constraints decide the layout.
+    constraints decide the layout. On CPU with several devices, JAX's persistent compilation
+    cache is turned off first (``keep_cpu_collectives_in_order``).
     """
+    keep_cpu_collectives_in_order()
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_axis_sizes(config, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)

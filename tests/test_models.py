@@ -306,7 +306,7 @@ def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_referenc
     ("auto", "bfloat16", 64, False, True, "tpu", 1024, "xla"),
     ("auto", "float32", 64, False, True, "cpu", 1024, "xla_blocks"),
     ("auto", "float32", 64, False, False, "cpu", 1000, "xla_blocks"),  # an encoder's: any length
-    ("auto", "float32", 64, True, False, "cpu", 1024, "xla"),  # T5's encoder
+    ("auto", "float32", 64, True, False, "cpu", 1024, "xla_blocks"),  # T5's encoder
     ("auto", "float32", 64, False, True, "cpu", 96, "xla"),  # not whole blocks
     ("xla", "bfloat16", 64, False, True, "gpu", 1024, "xla_blocks"),
     ("cudnn", "bfloat16", 64, True, True, "gpu", 1024, "cudnn"),

@@ -62,7 +62,7 @@ def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal
     - ``xla_blocks``: XLA by blocks of ``causal_block(seq_len)`` queries (``blocked_attention``),
       with its written-out gradient: where XLA computes attention on a CPU; causal
       attention with at least two whole blocks, skipping the keys after each block, and
-      bidirectional attention without a logit bias.
+      bidirectional attention (with T5's relative bias too).
     - ``xla``: XLA's dense computation under the boolean mask.
 
     ``backend``: the platform deciding ``auto`` (default: JAX's default backend, with
@@ -76,11 +76,7 @@ def self_attention_kernel(cfg: ModelConfig, seq_len: int, has_bias: bool, causal
         if cfg.dtype in ("bfloat16", "float16") and fits and not has_bias:
             return "cudnn"
     on_cpu_xla = cfg.attention == "xla" or (cfg.attention == "auto" and backend == "cpu")
-    # Bidirectional attention with a bias (T5's encoder) stays with XLA's: through the
-    # blocks, two processes' CPU collectives went out of step (gloo: "Received data size
-    # doesn't match expected size", tests/test_multihost.py).
-    if on_cpu_xla and ((not causal and not has_bias) or
-                       (causal and seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK)):
+    if on_cpu_xla and (not causal or (seq_len % CAUSAL_BLOCK == 0 and seq_len >= 2 * CAUSAL_BLOCK)):
         return "xla_blocks"
     return "xla"
 

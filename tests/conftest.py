@@ -1,6 +1,6 @@
-"""Test set-up: 8 virtual CPU devices and a persistent compilation cache, before JAX loads
-(single-device programs only: the first mesh of several CPU devices turns it off, see
-``t2x.parallel.mesh.keep_cpu_collectives_in_order``)."""
+"""Test set-up: 8 virtual CPU devices, before JAX loads. No persistent compilation cache:
+XLA:CPU programs over several devices must not be read back from it (see
+``t2x.parallel.mesh.keep_cpu_collectives_in_order``), and the tests' programs are."""
 
 import os
 import pathlib
@@ -14,9 +14,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = pathlib.Path(os.environ.get("T2X_TEST_CACHE") or pathlib.Path(tempfile.gettempdir()) / "t2x-test-cache")
-os.environ.setdefault("T2X_CACHE_DIR", str(_CACHE))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE / "xla"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("T2X_CACHE_DIR", str(_CACHE))  # the built-in corpus and tokenizers
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 

@@ -127,6 +127,7 @@ def test_cpu_programs_with_collectives_are_never_read_back_from_the_compilation_
     # keep_cpu_collectives_in_order): with several CPU devices, nothing is written or read.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
     out = subprocess.run([sys.executable, "-c", _SHARDED_SUM], env=env, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

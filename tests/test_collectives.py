@@ -1,5 +1,6 @@
 """The collectives a compiled train step runs, read from its HLO on 8 virtual CPU devices,
-against the mesh's formula (``t2x.parallel.collectives``)."""
+against the mesh's formula (``t2x.parallel.collectives``); and CPU programs with
+collectives kept out of JAX's compilation cache (``keep_cpu_collectives_in_order``)."""
 
 import json
 import os

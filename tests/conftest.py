@@ -1,6 +1,6 @@
 """Test set-up: 8 virtual CPU devices, before JAX loads. No persistent compilation cache:
-XLA:CPU programs over several devices must not be read back from it (see
-``t2x.parallel.mesh.keep_cpu_collectives_in_order``), and the tests' programs are."""
+the tests' programs run over several CPU devices, and such programs must not be read back
+from it (see ``t2x.parallel.mesh.keep_cpu_collectives_in_order``)."""
 
 import os
 import pathlib

@@ -281,6 +281,50 @@ def test_sum_over_the_last_axis_is_the_float64_sum():
     assert np.all(np.abs(np.asarray(got, np.float64) - expected) <= 1e-6 * np.abs(x).sum(-1))  # row by row
 
 
+def _dot_types(hlo: str) -> list[tuple[str, str, str]]:
+    """(left, right, result) element types of every dot in a compiled program's HLO text."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = re.findall(r"= (\w+)\[[^=]*? dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    return [(types[a], types[b], out) for out, a, b in dots]
+
+
+@pytest.mark.parametrize("lhs_shape,kernel_shape,dims", [
+    ((48, 24), (24, 4, 8), ((1,), (0,))),  # query, key and value projections: [d_model, heads, head_dim]
+    ((6, 8, 4, 8), (4, 8, 24), ((2, 3), (0, 1))),  # attention output: [heads, head_dim, d_model]
+    ((48, 24), (40, 24), ((1,), (1,))),  # a tied embedding table read as the output projection
+], ids=["heads_out", "heads_in", "transposed_table"])
+def test_bfloat16_dense_products_and_their_gradients_are_float32_products_rounded(lhs_shape, kernel_shape, dims):
+    """Each bfloat16 product of a dense layer and of its gradient equals the float64 product
+    of the same bfloat16 operands rounded to bfloat16 (to one unit in the last place); and
+    on a CPU every product is computed from bfloat16 operands into float32, the form
+    XLA:CPU runs on its bfloat16 matrix units."""
+    from t2x.models.layers import compute_dot_general, rows_dot
+
+    rng = np.random.default_rng(11)
+    x, w = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in (lhs_shape, kernel_shape))
+    dimension_numbers = (dims, ((), ()))
+
+    def product(x, w):
+        return rows_dot(compute_dot_general, x, w, dimension_numbers)
+
+    out, vjp = jax.vjp(product, x, w)
+    g = jnp.asarray(rng.normal(size=out.shape), jnp.bfloat16)
+    dx, dw = vjp(g)
+    assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    f64 = [np.asarray(a, np.float64) for a in (x, w, g)]
+    expected_out = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers), *f64[:2])
+    exp_dx, exp_dw = expected_out[1](f64[2])
+    for got, expected in [(out, expected_out[0]), (dx, exp_dx), (dw, exp_dw)]:
+        got, expected = np.asarray(got, np.float64), np.asarray(expected)
+        rounded = np.asarray(jnp.asarray(expected, jnp.float32).astype(jnp.bfloat16), np.float64)
+        assert np.all(np.abs(got - expected) <= np.abs(expected) * 2.0**-7 + 1e-30)  # within one bfloat16 step
+        assert np.mean(got == rounded) > 0.9  # mostly the correctly rounded value
+    if jax.default_backend() == "cpu":
+        hlo = jax.jit(lambda x, w, g: jax.vjp(product, x, w)[1](g)).lower(x, w, g).compile().as_text()
+        dots = _dot_types(hlo)
+        assert dots and all(d == ("bf16", "bf16", "f32") for d in dots), dots
+
+
 def test_a_decoder_long_enough_for_attention_blocks_matches_the_float64_reference():
     from t2x.models.attention import CAUSAL_BLOCK, self_attention_kernel
 

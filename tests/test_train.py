@@ -67,8 +67,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert a.all_steps() == b.all_steps() == [3, 6]
 
 
-def _one_step(cfg, batch):
-    c = build(cfg)
+def _one_step(cfg, batch, devices=None):
+    c = build(cfg, devices=devices)
     tx, schedule = make_optimizer(cfg)
     with sharding_context(c.mesh):
         _, shardings = state_shardings(c.model, tx, c.mesh, cfg.data.seq_len)
@@ -106,6 +106,18 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, optimizer):
     for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     assert int(accumulated.step) == 1
+
+
+def test_bfloat16_steps_agree_across_meshes(tmp_path):
+    """A bfloat16 step (on a CPU, its dense products computed in float32 and rounded, their
+    operands transposed and reshaped for the matrix library) gives one batch the same loss
+    and gradient norm on one device as sharded over data, fsdp and tensor."""
+    batch = _batch(seed=3)
+    one = _one_step(tiny_config(tmp_path, "model.dtype=bfloat16", "mesh.data=1"), batch, jax.devices()[:1])
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    mixed = _one_step(tiny_config(tmp_path, "model.dtype=bfloat16", *mesh), batch)
+    np.testing.assert_allclose(one[3]["loss"], mixed[3]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(one[3]["grad_norm"], mixed[3]["grad_norm"], rtol=2e-3)
 
 
 def test_token_losses_and_their_written_out_gradient_match_float64_and_scatter_nothing():

@@ -205,7 +205,8 @@ def _blocked_attention_fwd(q, k, v, mask, bias, scale, block, group, causal):
         logits = jnp.where(_block_mask(mask, start, end, keys, group), logits, lowest)
         p = jax.nn.softmax(logits, axis=-1)
         probs.append(p)
-        outs.append(jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v[:, :, :keys]))
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", p.astype(v.dtype), v[:, :, :keys],
+                               preferred_element_type=jnp.float32).astype(v.dtype))
     return jnp.concatenate(outs, axis=2), probs
 
 

@@ -44,6 +44,78 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+def _matrices(lhs: jax.Array, rhs: jax.Array, dimension_numbers):
+    """``lhs`` [rows, k...] (contracting its trailing dimensions) and ``rhs`` as matrices
+    [rows, K] and [K, N], and the result's shape."""
+    (_, rhs_contract), _ = dimension_numbers
+    free = [d for d in range(rhs.ndim) if d not in rhs_contract]
+    w = jnp.transpose(rhs, (*rhs_contract, *free))
+    rows = lhs.shape[0]
+    return (lhs.reshape(rows, -1), w.reshape(math.prod(w.shape[:len(rhs_contract)]), -1),
+            (rows, *(rhs.shape[d] for d in free)))
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """``x.T`` of a [rows, k] matrix, written out. XLA folds a plain transpose into the
+    product that reads it, as a product over the operand's first dimension, which XLA:CPU
+    does not give its matrix library in bfloat16 (it runs it in float32); reached through
+    a reshape, the transpose stays a copy of its own and the product takes it as it is."""
+    rows, k = x.shape
+    split = math.gcd(rows, 8)
+    return jnp.transpose(x.reshape(split, rows // split, k), (2, 0, 1)).reshape(k, rows)
+
+
+def _rounded(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rounded_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
+    x, w, shape = _matrices(lhs, rhs, dimension_numbers)
+    return _rounded(x, w, lhs.dtype).reshape(shape)
+
+
+def _rounded_dot_fwd(lhs, rhs, dimension_numbers):
+    return _rounded_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _rounded_dot_bwd(dimension_numbers, residuals, g):
+    lhs, rhs = residuals
+    x, w, _ = _matrices(lhs, rhs, dimension_numbers)
+    g = g.astype(lhs.dtype).reshape(x.shape[0], -1)
+    dx = _rounded(g, _transposed(w), lhs.dtype).reshape(lhs.shape)
+    (_, rhs_contract), _ = dimension_numbers
+    order = (*rhs_contract, *(d for d in range(rhs.ndim) if d not in rhs_contract))
+    dw = _rounded(_transposed(x), g, rhs.dtype).reshape([rhs.shape[d] for d in order])
+    return dx, jnp.transpose(dw, tuple(order.index(d) for d in range(rhs.ndim)))
+
+
+_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
+
+
+def compute_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+    """``lax.dot_general`` of compute-dtype operands, as the dense layers call it.
+
+    On XLA:CPU, a bfloat16 product of a matrix of rows ([rows, k...], contracting its
+    trailing dimensions, as ``rows_dot`` gives it) and a weight is computed accumulated in
+    float32 and rounded to bfloat16 after, and so is each product of its gradient, with
+    the operands laid out as XLA:CPU's matrix library (YNNPACK) takes them in bfloat16:
+    the left operand contracting its last dimension, the right its first. Those products
+    run on the CPU's bfloat16 matrix units (AMX, AVX512-BF16) at 3-5x its float32 speed;
+    XLA:CPU runs a bfloat16 product with a bfloat16 result, or one whose left operand
+    contracts its first dimension (a weight's gradient), at float32 speed or below
+    (docs/performance.md). Elsewhere, and for other products, ``lax.dot_general``."""
+    (lhs_contract, _), batch = dimension_numbers
+    if (jax.default_backend() != "cpu" or preferred_element_type is not None or any(batch) or lhs.ndim < 2
+            or lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16
+            or sorted(lhs_contract) != list(range(lhs.ndim - len(lhs_contract), lhs.ndim))
+            or lhs.ndim - len(lhs_contract) != 1):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return _rounded_dot(lhs, rhs, dimension_numbers)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _float32_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
@@ -55,7 +127,7 @@ def _float32_dot_fwd(lhs, rhs, dimension_numbers):
 
 def _float32_dot_bwd(dimension_numbers, residuals, g):
     lhs, rhs = residuals
-    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers), lhs, rhs)
+    _, vjp = jax.vjp(lambda a, b: compute_dot_general(a, b, dimension_numbers), lhs, rhs)
     return vjp(g.astype(jnp.result_type(lhs, rhs)))
 
 
@@ -118,7 +190,7 @@ def _kernel_dot(kernel_axes: tuple, accumulate_float32: bool, lhs, rhs, dimensio
     rhs = gathered(rhs, kernel_axes)
     if accumulate_float32:
         return rows_dot(float32_dot_general, lhs, rhs, dimension_numbers)
-    return rows_dot(jax.lax.dot_general, lhs, rhs, dimension_numbers, precision=precision,
+    return rows_dot(compute_dot_general, lhs, rhs, dimension_numbers, precision=precision,
                     preferred_element_type=preferred_element_type)
 
 

@@ -80,12 +80,13 @@ def _rounded_dot_fwd(lhs, rhs, dimension_numbers):
 
 
 def _rounded_dot_bwd(dimension_numbers, residuals, g):
+    """dx = g w^T and dw = x^T g, each with its transposed operand written out first."""
     lhs, rhs = residuals
     x, w, _ = _matrices(lhs, rhs, dimension_numbers)
     g = g.astype(lhs.dtype).reshape(x.shape[0], -1)
     dx = _rounded(g, _transposed(w), lhs.dtype).reshape(lhs.shape)
     (_, rhs_contract), _ = dimension_numbers
-    order = (*rhs_contract, *(d for d in range(rhs.ndim) if d not in rhs_contract))
+    order = (*rhs_contract, *(d for d in range(rhs.ndim) if d not in rhs_contract))  # w's from rhs's
     dw = _rounded(_transposed(x), g, rhs.dtype).reshape([rhs.shape[d] for d in order])
     return dx, jnp.transpose(dw, tuple(order.index(d) for d in range(rhs.ndim)))
 

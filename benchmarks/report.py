@@ -117,7 +117,7 @@ LEVERS = {
     "scan_unroll": Lever("the scanned layers' loop unrolled (`model.scan_unroll=6`), the parameters still stacked",
                          after=("model.scan_unroll=6",)),
     "bfloat16": Lever("bfloat16 compute (`model.dtype=bfloat16`; parameters and optimizer float32), its dense products "
-                      "on the CPU's bfloat16 matrix units where it has them (AMX, AVX512-BF16)",
+                      "on the CPU's bfloat16 matrix units where it has them (AMX)",
                       after=("model.dtype=bfloat16",)),
     "mlm_chosen": Lever("BERT's masked-LM head at each row's chosen positions (the default `objective.max_predictions`: "
                         "40 of bert_tiny's 128) instead of every position", before=("objective.max_predictions=0",),

@@ -108,7 +108,7 @@ def compute_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
     float32 and rounded to bfloat16 after, and so is each product of its gradient, with
     the operands laid out as XLA:CPU's matrix library (YNNPACK) takes them in bfloat16:
     the left operand contracting its last dimension, the right its first. Those products
-    run on the CPU's bfloat16 matrix units (AMX, AVX512-BF16) at 3-5x its float32 speed;
+    run on the CPU's bfloat16 matrix units where it has them (AMX) at 3-5x its float32 speed;
     XLA:CPU runs a bfloat16 product with a bfloat16 result, or one whose left operand
     contracts its first dimension (a weight's gradient), at float32 speed or below
     (docs/performance.md). Elsewhere, and for other products, ``lax.dot_general``."""

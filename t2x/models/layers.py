@@ -46,13 +46,14 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 def _matrices(lhs: jax.Array, rhs: jax.Array, dimension_numbers):
     """``lhs`` [rows, k...] (contracting its trailing dimensions) and ``rhs`` as matrices
-    [rows, K] and [K, N], and the result's shape."""
+    [rows, K] and [K, N]; the result's shape; and the order of ``rhs``'s dimensions in the
+    [K, N] matrix (contracted first)."""
     (_, rhs_contract), _ = dimension_numbers
-    free = [d for d in range(rhs.ndim) if d not in rhs_contract]
-    w = jnp.transpose(rhs, (*rhs_contract, *free))
+    order = (*rhs_contract, *(d for d in range(rhs.ndim) if d not in rhs_contract))
+    w = jnp.transpose(rhs, order)
     rows = lhs.shape[0]
     return (lhs.reshape(rows, -1), w.reshape(math.prod(w.shape[:len(rhs_contract)]), -1),
-            (rows, *(rhs.shape[d] for d in free)))
+            (rows, *w.shape[len(rhs_contract):]), order)
 
 
 def _transposed(x: jax.Array) -> jax.Array:
@@ -76,7 +77,7 @@ def _rounded(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rounded_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> jax.Array:
-    x, w, shape = _matrices(lhs, rhs, dimension_numbers)
+    x, w, shape, _ = _matrices(lhs, rhs, dimension_numbers)
     return _rounded(x, w, lhs.dtype).reshape(shape)
 
 
@@ -87,11 +88,9 @@ def _rounded_dot_fwd(lhs, rhs, dimension_numbers):
 def _rounded_dot_bwd(dimension_numbers, residuals, g):
     """dx = g w^T and dw = x^T g, each with its transposed operand written out first."""
     lhs, rhs = residuals
-    x, w, _ = _matrices(lhs, rhs, dimension_numbers)
+    x, w, _, order = _matrices(lhs, rhs, dimension_numbers)
     g = g.astype(lhs.dtype).reshape(x.shape[0], -1)
     dx = _rounded(g, _transposed(w), lhs.dtype).reshape(lhs.shape)
-    (_, rhs_contract), _ = dimension_numbers
-    order = (*rhs_contract, *(d for d in range(rhs.ndim) if d not in rhs_contract))  # w's from rhs's
     dw = _rounded(_transposed(x), g, rhs.dtype).reshape([rhs.shape[d] for d in order])
     return dx, jnp.transpose(dw, tuple(order.index(d) for d in range(rhs.ndim)))
 
@@ -113,13 +112,12 @@ def compute_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
     contracts its first dimension (a weight's gradient), at float32 speed or below
     (docs/performance.md). Elsewhere, and for other products, ``lax.dot_general``."""
     (lhs_contract, _), batch = dimension_numbers
-    if (jax.default_backend() != "cpu" or preferred_element_type is not None or any(batch) or lhs.ndim < 2
-            or lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16
-            or sorted(lhs_contract) != list(range(lhs.ndim - len(lhs_contract), lhs.ndim))
-            or lhs.ndim - len(lhs_contract) != 1):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                   preferred_element_type=preferred_element_type)
-    return _rounded_dot(lhs, rhs, dimension_numbers)
+    rows_matrix = lhs.ndim >= 2 and sorted(lhs_contract) == list(range(1, lhs.ndim)) and not any(batch)
+    if (jax.default_backend() == "cpu" and preferred_element_type is None and rows_matrix
+            and lhs.dtype == rhs.dtype == jnp.bfloat16):
+        return _rounded_dot(lhs, rhs, dimension_numbers)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

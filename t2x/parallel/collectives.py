@@ -158,6 +158,54 @@ def _collective(line: str) -> Collective | None:
     return Collective(kind, total, group)
 
 
+_ASSIGNED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+
+
+def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
+    """Collectives of a scheduled HLO module (``compiled.as_text()``) that XLA:CPU may run
+    out of order, as (loop, instruction) pairs: a while loop that runs collectives, and a
+    collective (or another such loop) after it in its computation's schedule that does
+    not wait for the loop's results. XLA:CPU starts the instructions after a loop once
+    the loop has started rather than finished, so the devices of a program can meet in
+    different collectives (``t2x.models.transformer.scan_unroll``). A CPU program over
+    several devices should have none."""
+    computations, _ = _computations(hlo_text)
+    holds: dict[str, bool] = {}
+
+    def calls_collectives(line: str) -> bool:
+        names = _CALLEES.findall(line)
+        for group in _BRANCHES.findall(line):
+            names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+        return any(runs_collectives(name) for name in names)
+
+    def runs_collectives(name: str) -> bool:
+        if name not in holds:
+            holds[name] = False  # HLO calls form a DAG; this only guards a malformed text
+            holds[name] = any(_OP.search(line) or calls_collectives(line) for line in computations.get(name, []))
+        return holds[name]
+
+    found = []
+    for lines in computations.values():
+        order, operands = [], {}
+        for line in lines:
+            match = _ASSIGNED.match(line)
+            if match:
+                name = match.group(1)
+                order.append((name, line))
+                operands[name] = set(_OPERAND.findall(line[match.end():].split(", metadata=")[0])) - {name}
+        for i, (loop, line) in enumerate(order):
+            if " while(" not in line or not calls_collectives(line):
+                continue
+            waits = {loop}  # what waits for the loop's results; a schedule lists operands first
+            for name, later in order[i + 1:]:
+                if operands[name] & waits:
+                    waits.add(name)
+                elif _OP.search(later) or calls_collectives(later):
+                    found.append((loop, name))
+    return found
+
+
 def wire_bytes(c: Collective) -> float:
     """Bytes each device sends for ``c`` under ring algorithms: an all-reduce is a
     reduce-scatter then an all-gather, 2 (g - 1) / g of the payload; an all-gather,

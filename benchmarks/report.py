@@ -107,15 +107,16 @@ class Lever(typing.NamedTuple):
 LEVERS = {
     "kept_memory": Lever("glibc keeps freed memory for the next step (t2x's default on a CPU, `t2x.hostmem`) instead "
                          "of unmapping it and faulting it in again", env_before={"T2X_HOST_MALLOC": "system"}),
-    "unrolled": Lever("layers unrolled instead of scanned (`model.scan_layers=false`)", after=("model.scan_layers=false",)),
+    "unrolled": Lever("layers unrolled instead of scanned in a loop (`model.scan_layers=false`)",
+                      before=("model.scan_unroll=1",), after=("model.scan_layers=false",)),
     "remat_full": Lever("rematerialize every layer (`model.remat=full`): memory for compute", after=("model.remat=full",)),
     "eigen_dots": Lever("XLA's Eigen matmuls instead of YNNPACK dot fusions",
                         env_after={"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}),
     "onednn": Lever("XLA with oneDNN (`--xla_cpu_use_onednn=true`)", env_after={"XLA_FLAGS": "--xla_cpu_use_onednn=true"}),
     "loss_chunks": Lever("the loss's logits 64 positions of each row at a time (`train.loss_chunk_len=64`), never the "
                          "whole batch's", after=("train.loss_chunk_len=64",)),
-    "scan_unroll": Lever("the scanned layers' loop unrolled (`model.scan_unroll=6`), the parameters still stacked",
-                         after=("model.scan_unroll=6",)),
+    "scan_unroll": Lever("the scanned layers' loop unrolled (`model.scan_unroll` unset, the default on a CPU: 6 "
+                         "here), the parameters still stacked", before=("model.scan_unroll=1",)),
     "bfloat16": Lever("bfloat16 compute (`model.dtype=bfloat16`; parameters and optimizer float32), its dense products "
                       "on the CPU's bfloat16 matrix units where it has them (AMX)",
                       after=("model.dtype=bfloat16",)),

@@ -65,9 +65,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     attention: str = "auto"  # auto | xla | cudnn (see t2x.models.attention.self_attention_kernel)
     scan_layers: bool = True
-    # scanned layers: blocks per iteration of the loop (num_layers: none left, as fast as
-    # unrolled layers on a CPU, the parameters still stacked)
-    scan_unroll: int = 1
+    # scanned layers: blocks per iteration of the loop (num_layers: none left, the parameters
+    # still stacked); null: the whole stack on a CPU, 1 elsewhere (see BlockStack)
+    scan_unroll: Optional[int] = None
     remat: str = "none"  # none | full | dots | dots_no_batch
 
     def __post_init__(self):
@@ -90,7 +90,8 @@ class ModelConfig:
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
             _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _require(self.scan_unroll >= 1, f"model.scan_unroll must be >= 1 (blocks per loop iteration), "
+        _require(self.scan_unroll is None or self.scan_unroll >= 1,
+                 f"model.scan_unroll must be >= 1 (blocks per loop iteration) or null (automatic), "
                  f"got {self.scan_unroll}")
         _require(
             self.num_heads % self.kv_heads == 0,

@@ -1,6 +1,7 @@
 """The collectives a compiled train step runs, read from its HLO on 8 virtual CPU devices,
-against the mesh's formula (``t2x.parallel.collectives``); and CPU programs with
-collectives kept out of JAX's compilation cache (``keep_cpu_collectives_in_order``)."""
+against the mesh's formula (``t2x.parallel.collectives``); CPU steps with no loop holding
+collectives (``scan_unroll``); and CPU programs with collectives kept out of JAX's
+compilation cache (``keep_cpu_collectives_in_order``)."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import pytest
 from conftest import GPT2_LAYERS, REPO
 from t2x.bench import StepBench
 from t2x.config import load_config
-from t2x.parallel.collectives import Collective, by_group, collectives, predicted_payloads, wire_bytes
+from t2x.parallel.collectives import (Collective, by_group, collectives, predicted_payloads, unordered_collectives,
+                                     wire_bytes)
 
 MODULE = """HloModule m
 
@@ -42,6 +44,12 @@ def test_collectives_are_read_with_their_bytes_groups_and_loop_trips():
         Collective("reduce-scatter", 16 * 16 * 2, 8),  # the operand; the result is one member's share
         Collective("all-reduce", 4 * 4 + 4 * 4, 4),  # a tuple; the groups named by mesh axes
     ], key=repr)
+    # the reduce-scatter and the tuple all-reduce do not wait for the loop holding collectives
+    assert unordered_collectives(MODULE) == [("w", "rs"), ("w", "t2")]
+    waiting = MODULE.replace("bf16[16,16]{1,0} %z", "bf16[16,16]{1,0} %w").replace("f32[4]{0} %u", "f32[4]{0} %rs")
+    assert unordered_collectives(waiting) == []
+    quiet_body = [line for line in MODULE.splitlines() if "channel_id=1," not in line and "channel_id=2," not in line]
+    assert unordered_collectives("\n".join(quiet_body)) == []
     assert wire_bytes(Collective("all-reduce", 800, 4)) == 2 * 3 / 4 * 800
     assert wire_bytes(Collective("all-gather", 800, 8)) == 7 / 8 * 800
 
@@ -137,3 +145,27 @@ def test_cpu_programs_with_collectives_are_never_read_back_from_the_compilation_
         assert result["cache_on"] and result["entries"] > 0
     else:
         assert not result["cache_on"] and result["entries"] == 0
+
+
+def test_a_cpu_step_over_several_devices_runs_its_collectives_in_order(tmp_path, caplog):
+    """XLA:CPU starts what follows a loop holding collectives once the loop has started, so
+    devices can meet in different collectives (two-process T5 jobs aborted in gloo in 8 of
+    30 runs on the layers' loop). On a CPU the scanned stacks are unrolled by default
+    (``scan_unroll``), the parameters still stacked; a loop asked for is kept, and training
+    warns of it."""
+    from test_seq2seq import seq2seq_config
+
+    mesh = ["mesh.data=2", "mesh.fsdp=4", "data.num_shards=8"]
+    default = StepBench(seq2seq_config(tmp_path, *mesh), batches=1)
+    assert default.cfg.model.scan_layers and default.cfg.model.scan_unroll is None
+    assert unordered_collectives(default.compiled.as_text()) == []
+    looped = StepBench(seq2seq_config(tmp_path, *mesh, "model.scan_unroll=1"), batches=1)
+    assert unordered_collectives(looped.compiled.as_text())  # the decoder's embedding lookup, after the encoder's loop
+    assert jax.tree.structure(looped.state.params) == jax.tree.structure(default.state.params)
+    from t2x.train.loop import _warn_of_cpu_loops
+
+    _warn_of_cpu_loops(default.cfg, 8)
+    _warn_of_cpu_loops(looped.cfg, 1)
+    assert not caplog.records
+    _warn_of_cpu_loops(looped.cfg, 8)
+    assert "model.scan_unroll=1 leaves the layers in a loop" in caplog.text

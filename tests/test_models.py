@@ -14,6 +14,7 @@ import reference
 from t2x.config import ModelConfig
 from t2x.models import build_model
 from t2x.models.attention import attention_mask
+from t2x.models.transformer import scan_unroll
 
 BASE = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_seq_len=16, init_std=0.1)
 
@@ -103,9 +104,10 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
 
 
 def test_an_unrolled_scan_keeps_the_loops_parameters_and_function():
-    """``model.scan_unroll = num_layers``: the same stacked parameters and the same outputs
-    and gradients as the loop, with no loop left in the compiled gradient; under remat
-    the blocks' forward products are still computed again in the backward pass."""
+    """``model.scan_unroll = num_layers`` (the default on a CPU): the same stacked parameters
+    and the same outputs and gradients as the loop (``scan_unroll = 1``, the default on
+    accelerators), with no loop left in the compiled gradient; under remat the blocks'
+    forward products are still computed again in the backward pass."""
     import re
 
     tokens, positions, segment_ids = packed_inputs(np.random.default_rng(3))
@@ -115,14 +117,18 @@ def test_an_unrolled_scan_keeps_the_loops_parameters_and_function():
         grad = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens, positions, segment_ids) ** 2)))
         return params, grad(params), grad.lower(params).compile().as_text()
 
-    loop_params, loop_grads, loop_hlo = compiled_grad(BASE)
-    params, grads, hlo = compiled_grad(dataclasses.replace(BASE, scan_unroll=BASE.num_layers))
+    loop_params, loop_grads, loop_hlo = compiled_grad(dataclasses.replace(BASE, scan_unroll=1))
+    params, grads, hlo = compiled_grad(BASE)
+    assert scan_unroll(BASE, BASE.num_layers, "cpu") == BASE.num_layers
     assert jax.tree.structure(params) == jax.tree.structure(loop_params)
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(loop_params)):
         np.testing.assert_array_equal(x, y)
     for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(loop_grads)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert re.search(r"\bwhile\(", loop_hlo) and not re.search(r"\bwhile\(", hlo)
+    for backend in ("gpu", "tpu"):
+        assert scan_unroll(BASE, BASE.num_layers, backend) == 1
+    assert scan_unroll(dataclasses.replace(BASE, scan_unroll=1), BASE.num_layers, "cpu") == 1
     dots = [len(re.findall(r"\bdot\(", compiled_grad(dataclasses.replace(BASE, scan_unroll=2, remat=r))[2]))
             for r in ("none", "full")]
     assert dots[1] > dots[0]  # remat's recomputation is not merged away

@@ -73,10 +73,28 @@ class Block(nn.Module):
         return (out, None) if self.scanned else out
 
 
+def scan_unroll(cfg: ModelConfig, num_layers: int, backend: str | None = None) -> int:
+    """Blocks per iteration of a scanned stack of ``num_layers``: ``model.scan_unroll``, or
+    where it is null, the whole stack on a CPU (``backend``, default JAX's) and 1 elsewhere.
+
+    On a CPU no loop is left, for two reasons. XLA:CPU starts what follows a loop holding
+    collectives (the fully sharded weights' all-gathers, their gradients' reductions) once
+    the loop has started, so a collective that does not wait for the loop's results can
+    run on one device before the loop's next one and after it on another: across
+    processes gloo then aborts ("op.preamble.length <= op.nbytes"), in 8 of 30 two-process
+    T5 jobs here (``t2x.parallel.collectives.unordered_collectives`` finds such pairs).
+    And the unrolled stack runs faster there (BERT and GPT-2 small 16-18% on a 2-core CPU,
+    ``docs/performance.md``). Other backends keep the loop, whose compile time does not
+    grow with depth."""
+    if cfg.scan_unroll is not None:
+        return cfg.scan_unroll
+    return num_layers if (backend or jax.default_backend()) == "cpu" else 1
+
+
 class BlockStack(nn.Module):
     """``num_layers`` blocks (default ``model.num_layers``): one scanned loop (parameters
     stacked on a leading ``layers`` axis, so compile time does not grow with depth;
-    ``model.scan_unroll`` blocks per iteration) or an unrolled Python loop. ``cross``: decoder blocks of an encoder-decoder (see ``Block``).
+    ``scan_unroll`` blocks per iteration) or an unrolled Python loop. ``cross``: decoder blocks of an encoder-decoder (see ``Block``).
 
     A KV cache holds every layer's keys and values stacked on a leading [layers] axis
     either way, updated in place layer by layer; with one, the stack returns (x, the
@@ -97,12 +115,13 @@ class BlockStack(nn.Module):
                  segments: jax.Array | None = None):
         cfg = self.cfg
         num_layers = self.num_layers or cfg.num_layers
+        unroll = scan_unroll(cfg, num_layers)
         block = Block
         if cfg.remat != "none":
             # A loop keeps XLA from merging the recomputation with the forward pass; unrolled
             # blocks need remat's own barrier.
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
-                             prevent_cse=not cfg.scan_layers or cfg.scan_unroll > 1)
+                             prevent_cse=not cfg.scan_layers or unroll > 1)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -111,7 +130,7 @@ class BlockStack(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                          nn.broadcast, nn.broadcast),
                 length=num_layers,
-                unroll=cfg.scan_unroll,
+                unroll=unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             layer_ids = None if cache is None else jax.numpy.arange(num_layers)

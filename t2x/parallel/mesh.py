@@ -85,7 +85,9 @@ def keep_cpu_collectives_in_order() -> bool:
     one process the devices waiting in collectives can hold every thread of XLA's pool
     while a device that has not reached them gets none, and XLA aborts the process after
     40 s ("Termination timeout for `all gather ...`"). Programs compiled afresh keep the
-    order, and GPU and TPU runtimes order collectives on their own.
+    order, but for what follows a loop holding collectives (``unordered_collectives``,
+    which is why a CPU leaves no loop of layers: ``scan_unroll``); GPU and TPU runtimes
+    order collectives on their own.
     """
     if not jax.config.jax_enable_compilation_cache or jax.default_backend() != "cpu" or jax.device_count() < 2:
         return False

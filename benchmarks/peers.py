@@ -4,7 +4,9 @@ For each shape both train a GPT-2 (learned positions, LayerNorm, tanh-GELU, bias
 embeddings) from the same initial weights (t2x's, copied across with t2x's own
 Hugging Face export mapping) on the same batches of whole-document rows, with the same
 optimizer: AdamW with weight decay on matrices and embeddings, t2x's learning-rate
-schedule step by step, gradients clipped to norm 1, float32 throughout. The
+schedule step by step, gradients clipped to norm 1, float32 throughout (or, with
+``--bfloat16``, t2x's ``model.dtype=bfloat16`` against the peer's forward pass under
+``torch.autocast``: parameters, optimizer and loss float32 on both sides). The
 ``bert_small`` shape does the same with a BERT (``BertForMaskedLM``) trained by masked
 LM: the peer reads the inputs and targets of t2x's own masks for each step; it runs its
 masked-LM head at every position, as ``transformers`` does, and t2x at the chosen ones
@@ -30,6 +32,7 @@ Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
     python benchmarks/peers.py --shapes small --rounds 5
     python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
     python benchmarks/peers.py --peer-malloc keep    # the peer with t2x's allocator setting
+    python benchmarks/peers.py --shapes small --bfloat16 --loss-tolerance 2e-2
 
 t2x's process keeps freed memory for reuse, as ``t2x``'s command line does on a CPU
 (``t2x.hostmem``); the peer runs with glibc's defaults unless ``--peer-malloc keep``.
@@ -43,6 +46,7 @@ import multiprocessing
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -111,7 +115,8 @@ class TorchPeer:
     ``batches[i % len(batches)]``, each ``(the model's inputs, labels)`` with -100 where
     nothing is predicted."""
 
-    def __init__(self, family: str, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches):
+    def __init__(self, family: str, hf: dict, tensors: dict, optim: dict, lrs: list[float], batches,
+                 autocast: str | None = None):
         import torch
         from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, T5Config,
                                   T5ForConditionalGeneration)
@@ -138,6 +143,7 @@ class TorchPeer:
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
                                            foreach=True)
         self.clip, self.lrs, self.step_count = optim["clip_norm"], lrs, 0
+        self.autocast = autocast  # a dtype name: the forward pass under torch.autocast
         self.batches = [({k: torch.from_numpy(x.astype(np.int64)) for k, x in inputs.items()},
                          torch.from_numpy(labels.astype(np.int64))) for inputs, labels in batches]
 
@@ -148,8 +154,11 @@ class TorchPeer:
             inputs, labels = self.batches[self.step_count % len(self.batches)]
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lrs[self.step_count]
-            logits = self.model(**inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=-100)
+            casting = torch.autocast("cpu", dtype=getattr(torch, self.autocast)) if self.autocast else nullcontext()
+            with casting:
+                logits = self.model(**inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), labels.view(-1),
+                                                     ignore_index=-100)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -206,11 +215,11 @@ def _torch_worker(conn, keep_memory: bool, *args) -> None:
         conn.send((peer.run(steps), peer.last_loss))
 
 
-def torch_matmul_peak(size: int = 2048, seconds: float = 2.0) -> float:
-    """FLOP/s of PyTorch's float32 ``size``-square matrix multiply, best of repeats."""
+def torch_matmul_peak(size: int = 2048, seconds: float = 2.0, dtype: str = "float32") -> float:
+    """FLOP/s of PyTorch's ``dtype`` ``size``-square matrix multiply, best of repeats."""
     import torch
 
-    a, b = (torch.randn(size, size) for _ in range(2))
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.matmul(a, b)
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == float("inf"):
@@ -220,15 +229,16 @@ def torch_matmul_peak(size: int = 2048, seconds: float = 2.0) -> float:
     return 2 * size**3 / best
 
 
-def _torch_facts() -> tuple[float, str, int]:
+def _torch_facts(dtype: str) -> tuple[float, str, int]:
     import torch
 
-    return torch_matmul_peak(), torch.__version__, torch.get_num_threads()
+    return torch_matmul_peak(dtype=dtype), torch.__version__, torch.get_num_threads()
 
 
 def compare(shape: str, args, peaks: dict) -> dict:
     config, overrides = SHAPES[shape]
-    cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *args.t2x])
+    dtype = ["model.dtype=bfloat16"] if args.bfloat16 else []
+    cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *dtype, *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -255,7 +265,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
     worker = multiprocessing.get_context("spawn").Process(
         target=_torch_worker, daemon=True,
         args=(theirs, args.peer_malloc == "keep", m.family, hf, weights, optim, lrs,
-              peer_batches(cfg, rows, tokenizer, args.loss_steps)))
+              peer_batches(cfg, rows, tokenizer, args.loss_steps), "bfloat16" if args.bfloat16 else None))
     worker.start()
     peer_params = conn.recv()
 
@@ -268,7 +278,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
         _, loss_torch = peer_run(args.loss_steps)
         loss_t2x = ours.last_metrics["loss"]
         same = abs(loss_t2x - loss_torch) <= args.loss_tolerance
-        result = {"shape": shape, "t2x_settings": args.t2x, "params": peer_params, "batch": batch, "seq_len": seq,
+        result = {"shape": shape, "t2x_settings": args.t2x, "dtype": m.dtype, "params": peer_params, "batch": batch, "seq_len": seq,
                   "target_len": ours.target_len, "vocab_size": m.vocab_size, "loss_steps": args.loss_steps,
                   "loss_t2x": loss_t2x, "loss_torch": loss_torch, "same_loss": same, "peer_malloc": args.peer_malloc}
         if not same:
@@ -302,17 +312,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--t2x", nargs="*", default=[], metavar="key=value",
                         help="t2x settings on top of the shape (model.* settings the peer does not share are refused by "
                         "the loss check)")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="t2x with model.dtype=bfloat16, the peer's forward pass under torch.autocast(bfloat16); "
+                        "the matmul peaks are then bfloat16's (products accumulated in float32)")
     parser.add_argument("--peer-malloc", choices=["system", "keep"], default="system",
                         help="the peer's allocator: glibc as its users get it, or keeping freed memory as t2x does "
                         "(t2x.hostmem)")
     args = parser.parse_args(argv)
     hostmem.keep_freed_memory()  # as t2x's command line does
 
+    dtype = "bfloat16" if args.bfloat16 else "float32"
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # torch apart from XLA here too
-        torch_peak, torch_version, torch_threads = pool.apply(_torch_facts)
-    peaks = {"xla_matmul_flops": matmul_peak_flops(), "torch_matmul_flops": torch_peak}
+        torch_peak, torch_version, torch_threads = pool.apply(_torch_facts, (dtype,))
+    peaks = {"xla_matmul_flops": matmul_peak_flops(dtype=getattr(jax.numpy, dtype)), "torch_matmul_flops": torch_peak}
     machine = {"jax": jax.__version__, "torch": torch_version, "torch_threads": torch_threads,
-               "device": jax.devices()[0].device_kind,
+               "device": jax.devices()[0].device_kind, "matmul_dtype": dtype,
                "xla_matmul_tflops": peaks["xla_matmul_flops"] / 1e12,
                "torch_matmul_tflops": peaks["torch_matmul_flops"] / 1e12}
     print(json.dumps(machine), flush=True)

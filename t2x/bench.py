@@ -49,11 +49,13 @@ def synthetic_rows(row_format: RowFormat, tokenizer: Tokenizer, rows: int, seq_l
 def matmul_peak_flops(size: int = 2048, dtype=jnp.float32, seconds: float = 2.0) -> float:
     """FLOP/s of XLA's ``size``-square ``dtype`` matrix multiply on the first device, the
     best of repeated timings over about ``seconds``: the practical peak a train step's
-    model FLOP/s are compared with on hardware that has no published one."""
+    model FLOP/s are compared with on hardware that has no published one. The product
+    is accumulated and returned in float32, as a train step's are (and the only form of
+    a bfloat16 product XLA:CPU runs on bfloat16 matrix units)."""
     device = jax.devices()[0]
     a, b = (jax.device_put(jnp.asarray(np.random.default_rng(i).standard_normal((size, size)), dtype), device)
             for i in range(2))
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == float("inf"):

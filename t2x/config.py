@@ -66,7 +66,7 @@ class ModelConfig:
     attention: str = "auto"  # auto | xla | cudnn (see t2x.models.attention.self_attention_kernel)
     scan_layers: bool = True
     # scanned layers: blocks per iteration of the loop (num_layers: none left, the parameters
-    # still stacked); null: the whole stack on a CPU, 1 elsewhere (see BlockStack)
+    # still stacked); null: the whole stack on a CPU, 1 elsewhere (t2x.models.transformer.scan_unroll)
     scan_unroll: Optional[int] = None
     remat: str = "none"  # none | full | dots | dots_no_batch
 

@@ -16,6 +16,7 @@ from t2x.bench import StepBench
 from t2x.config import load_config
 from t2x.parallel.collectives import (Collective, by_group, collectives, predicted_payloads, unordered_collectives,
                                      wire_bytes)
+from t2x.train.loop import _warn_of_cpu_loops
 
 MODULE = """HloModule m
 
@@ -162,8 +163,6 @@ def test_a_cpu_step_over_several_devices_runs_its_collectives_in_order(tmp_path,
     looped = StepBench(seq2seq_config(tmp_path, *mesh, "model.scan_unroll=1"), batches=1)
     assert unordered_collectives(looped.compiled.as_text())  # the decoder's embedding lookup, after the encoder's loop
     assert jax.tree.structure(looped.state.params) == jax.tree.structure(default.state.params)
-    from t2x.train.loop import _warn_of_cpu_loops
-
     _warn_of_cpu_loops(default.cfg, 8)
     _warn_of_cpu_loops(looped.cfg, 1)
     assert not caplog.records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import flax.linen as nn
 import jax
@@ -10,10 +11,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from t2x.config import Config, ConfigError
+from t2x.config import Config, ConfigError, ModelConfig
 from t2x.data.tokenizer import Tokenizer, TokenizerError, from_files, load_tokenizer, pack, unpack
 from t2x.families import family, task
+from t2x.models.transformer import scan_unroll
 from t2x.parallel import make_mesh
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,20 @@ def shared_tokenizer(spec: str) -> Tokenizer:
     return from_files(unpack(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()), source=spec)
 
 
+def warn_of_cpu_loops(m: ModelConfig, devices: int) -> None:
+    """Log a warning where a scanned stack is left as a loop on a CPU mesh of ``devices``:
+    XLA:CPU can run the loop's collectives out of order with the program's others
+    (``t2x.models.transformer.scan_unroll``)."""
+    layers = max(m.num_layers, m.decoder_layers) if m.family == "encoder_decoder" else m.num_layers
+    if m.scan_layers and devices > 1 and jax.default_backend() == "cpu" and scan_unroll(m, layers) < layers:
+        log.warning(
+            "model.scan_unroll=%d leaves the layers in a loop, whose collectives XLA:CPU can run out of order with the "
+            "program's others over %d devices (across processes, gloo then aborts: \"op.preamble.length <= "
+            "op.nbytes\"); leave model.scan_unroll unset (null) on a CPU, or set it to %d",
+            m.scan_unroll, devices, layers,
+        )
+
+
 def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Components:
     """Build the mesh, tokenizer and model of ``cfg`` and check that they fit together.
 
@@ -57,6 +75,7 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
         data-parallel devices, or the tokenizer's vocabulary does not fit the model.
     """
     mesh = make_mesh(cfg.mesh, devices)
+    warn_of_cpu_loops(cfg.model, mesh.devices.size)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch = cfg.train.global_batch_size // cfg.train.grad_accum_steps
     for key, size in (

@@ -16,7 +16,7 @@ from t2x.bench import StepBench
 from t2x.config import load_config
 from t2x.parallel.collectives import (Collective, by_group, collectives, predicted_payloads, unordered_collectives,
                                      wire_bytes)
-from t2x.train.loop import _warn_of_cpu_loops
+from t2x.components import warn_of_cpu_loops
 
 MODULE = """HloModule m
 
@@ -152,19 +152,19 @@ def test_a_cpu_step_over_several_devices_runs_its_collectives_in_order(tmp_path,
     """XLA:CPU starts what follows a loop holding collectives once the loop has started, so
     devices can meet in different collectives (two-process T5 jobs aborted in gloo in 8 of
     30 runs on the layers' loop). On a CPU the scanned stacks are unrolled by default
-    (``scan_unroll``), the parameters still stacked; a loop asked for is kept, and training
-    warns of it."""
+    (``scan_unroll``), the parameters still stacked; a loop asked for is kept, with a
+    warning."""
     from test_seq2seq import seq2seq_config
 
     mesh = ["mesh.data=2", "mesh.fsdp=4", "data.num_shards=8"]
     default = StepBench(seq2seq_config(tmp_path, *mesh), batches=1)
     assert default.cfg.model.scan_layers and default.cfg.model.scan_unroll is None
     assert unordered_collectives(default.compiled.as_text()) == []
+    assert "leaves the layers in a loop" not in caplog.text
     looped = StepBench(seq2seq_config(tmp_path, *mesh, "model.scan_unroll=1"), batches=1)
     assert unordered_collectives(looped.compiled.as_text())  # the decoder's embedding lookup, after the encoder's loop
     assert jax.tree.structure(looped.state.params) == jax.tree.structure(default.state.params)
-    _warn_of_cpu_loops(default.cfg, 8)
-    _warn_of_cpu_loops(looped.cfg, 1)
+    assert "model.scan_unroll=1 leaves the layers in a loop" in caplog.text  # build's warning
+    caplog.clear()
+    warn_of_cpu_loops(looped.cfg.model, 1)  # one device: no collectives
     assert not caplog.records
-    _warn_of_cpu_loops(looped.cfg, 8)
-    assert "model.scan_unroll=1 leaves the layers in a loop" in caplog.text

@@ -30,7 +30,6 @@ from t2x.train.metrics import MetricsWriter
 from t2x.train.preemption import StopRequest
 from t2x.train.resume import Target, data_meta, resume
 from t2x.models import abstract_params, count_params
-from t2x.models.transformer import scan_unroll
 from t2x.train.state import init_state, make_optimizer, state_from_params, state_shardings
 from t2x.train.step import jit_train_step, make_train_step
 
@@ -94,20 +93,6 @@ def train(cfg: Config, devices=None) -> dict[str, Any]:
         run.close()
 
 
-def _warn_of_cpu_loops(cfg: Config, devices: int) -> None:
-    """A scanned stack left as a loop on a CPU mesh holds the step's collectives in a loop,
-    which XLA:CPU can run out of order with the others (``scan_unroll``)."""
-    m = cfg.model
-    layers = max(m.num_layers, m.decoder_layers) if m.family == "encoder_decoder" else m.num_layers
-    if m.scan_layers and devices > 1 and jax.default_backend() == "cpu" and scan_unroll(m, layers) < layers:
-        log.warning(
-            "model.scan_unroll=%d leaves the layers in a loop, whose collectives XLA:CPU can run out of order with the "
-            "step's others over %d devices (across processes, gloo then aborts: \"op.preamble.length <= "
-            "op.nbytes\"); leave model.scan_unroll unset (null) on a CPU, or set it to %d",
-            m.scan_unroll, devices, layers,
-        )
-
-
 class _Run:
     """One launch of a run: everything built and checked, then the loop."""
 
@@ -129,7 +114,6 @@ class _Run:
                 "the data into at least %d files (or uncompressed text or JSONL) so each byte is read once",
                 self.source.description, cfg.data.num_shards, cfg.data.num_shards,
             )
-        _warn_of_cpu_loops(cfg, self.c.mesh.devices.size)
         self.tx, self.schedule = make_optimizer(cfg)
         self.data_meta = data_meta(cfg, self.source, self.c.tokenizer)
         self._context = sharding_context(self.c.mesh)

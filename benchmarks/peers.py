@@ -237,8 +237,7 @@ def _torch_facts(dtype: str) -> tuple[float, str, int]:
 
 def compare(shape: str, args, peaks: dict) -> dict:
     config, overrides = SHAPES[shape]
-    dtype = ["model.dtype=bfloat16"] if args.bfloat16 else []
-    cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, *dtype, *args.t2x])
+    cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, f"model.dtype={args.dtype}", *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -265,7 +264,7 @@ def compare(shape: str, args, peaks: dict) -> dict:
     worker = multiprocessing.get_context("spawn").Process(
         target=_torch_worker, daemon=True,
         args=(theirs, args.peer_malloc == "keep", m.family, hf, weights, optim, lrs,
-              peer_batches(cfg, rows, tokenizer, args.loss_steps), "bfloat16" if args.bfloat16 else None))
+              peer_batches(cfg, rows, tokenizer, args.loss_steps), args.dtype if args.bfloat16 else None))
     worker.start()
     peer_params = conn.recv()
 
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     hostmem.keep_freed_memory()  # as t2x's command line does
 
-    dtype = "bfloat16" if args.bfloat16 else "float32"
+    args.dtype = dtype = "bfloat16" if args.bfloat16 else "float32"
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # torch apart from XLA here too
         torch_peak, torch_version, torch_threads = pool.apply(_torch_facts, (dtype,))
     peaks = {"xla_matmul_flops": matmul_peak_flops(dtype=getattr(jax.numpy, dtype)), "torch_matmul_flops": torch_peak}

@@ -75,6 +75,15 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
+def _callee_names(line: str) -> list[str]:
+    """The computations an instruction calls: a loop's body and condition, a fusion's or
+    reduction's computation, a conditional's branches."""
+    names = _CALLEES.findall(line)
+    for group in _BRANCHES.findall(line):
+        names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+    return names
+
+
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     """The module's computations (name -> instruction lines) and the entry's name."""
     computations: dict[str, list[str]] = {}
@@ -115,10 +124,7 @@ def _executions(computations: dict[str, list[str]], entry: str) -> dict[str, int
         if " while(" in line:
             trip = _TRIP_COUNT.search(line)
             times = int(trip.group(1)) if trip else 1
-        names = _CALLEES.findall(line)
-        for group in _BRANCHES.findall(line):
-            names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
-        return [(n, times) for n in names]
+        return [(n, times) for n in _callee_names(line)]
 
     visit(entry)
     for name in reversed(order):
@@ -174,10 +180,7 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
     holds: dict[str, bool] = {}
 
     def calls_collectives(line: str) -> bool:
-        names = _CALLEES.findall(line)
-        for group in _BRANCHES.findall(line):
-            names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
-        return any(runs_collectives(name) for name in names)
+        return any(runs_collectives(name) for name in _callee_names(line))
 
     def runs_collectives(name: str) -> bool:
         if name not in holds:

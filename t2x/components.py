@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from t2x.config import Config, ConfigError, ModelConfig
 from t2x.data.tokenizer import Tokenizer, TokenizerError, from_files, load_tokenizer, pack, unpack
 from t2x.families import family, task
-from t2x.models.transformer import scan_unroll
+from t2x.models.transformer import deepest_stack, loop_left
 from t2x.parallel import make_mesh
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,12 @@ def warn_of_cpu_loops(m: ModelConfig, devices: int) -> None:
     """Log a warning where a scanned stack is left as a loop on a CPU mesh of ``devices``:
     XLA:CPU can run the loop's collectives out of order with the program's others
     (``t2x.models.transformer.scan_unroll``)."""
-    layers = max(m.num_layers, m.decoder_layers) if m.family == "encoder_decoder" else m.num_layers
-    if m.scan_layers and devices > 1 and jax.default_backend() == "cpu" and scan_unroll(m, layers) < layers:
+    if devices > 1 and jax.default_backend() == "cpu" and loop_left(m):
         log.warning(
             "model.scan_unroll=%d leaves the layers in a loop, whose collectives XLA:CPU can run out of order with the "
             "program's others over %d devices (across processes, gloo then aborts: \"op.preamble.length <= "
             "op.nbytes\"); leave model.scan_unroll unset (null) on a CPU, or set it to %d",
-            m.scan_unroll, devices, layers,
+            m.scan_unroll, devices, deepest_stack(m),
         )
 
 

@@ -157,6 +157,17 @@ def test_generation_sharded_over_eight_devices_equals_one_device():
     np.testing.assert_allclose([s.log_likelihood for s in sa], [s.log_likelihood for s in sb], rtol=1e-5)
 
 
+def test_a_layers_loop_placed_on_several_cpu_devices_is_warned_of(caplog):
+    """Generation and serving place their model apart from training's ``build``, and warn
+    as it does of a loop of layers over several CPU devices (``warn_of_cpu_loops``)."""
+    looped = ["model.scan_layers=true", "model.scan_unroll=1"]
+    random_model("gpt2", ["mesh.data=2"], settings=["model.scan_layers=true"])
+    random_model("gpt2", settings=looped)
+    assert "leaves the layers in a loop" not in caplog.text
+    random_model("gpt2", ["mesh.data=2"], settings=looped)
+    assert "model.scan_unroll=1 leaves the layers in a loop" in caplog.text
+
+
 def test_a_request_decodes_the_same_alone_or_in_a_busy_batch():
     model = random_model("gpt2")
     settings = [Sampling(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=s) for s in range(len(PROMPTS))]

@@ -14,7 +14,7 @@ import reference
 from t2x.config import ModelConfig
 from t2x.models import build_model
 from t2x.models.attention import attention_mask
-from t2x.models.transformer import scan_unroll
+from t2x.models.transformer import loop_left, scan_unroll
 
 BASE = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_seq_len=16, init_std=0.1)
 
@@ -129,6 +129,12 @@ def test_an_unrolled_scan_keeps_the_loops_parameters_and_function():
     for backend in ("gpu", "tpu"):
         assert scan_unroll(BASE, BASE.num_layers, backend) == 1
     assert scan_unroll(dataclasses.replace(BASE, scan_unroll=1), BASE.num_layers, "cpu") == 1
+    assert not loop_left(BASE, "cpu") and loop_left(BASE, "gpu")
+    assert loop_left(dataclasses.replace(BASE, scan_unroll=1), "cpu")
+    assert not loop_left(dataclasses.replace(BASE, scan_layers=False, scan_unroll=1), "gpu")
+    deeper_decoder = dataclasses.replace(BASE, family="encoder_decoder", num_decoder_layers=BASE.num_layers + 1,
+                                         scan_unroll=BASE.num_layers)
+    assert loop_left(deeper_decoder, "cpu") and not loop_left(dataclasses.replace(deeper_decoder, scan_unroll=None), "cpu")
     dots = [len(re.findall(r"\bdot\(", compiled_grad(dataclasses.replace(BASE, scan_unroll=2, remat=r))[2]))
             for r in ("none", "full")]
     assert dots[1] > dots[0]  # remat's recomputation is not merged away

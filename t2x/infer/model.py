@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from t2x.components import warn_of_cpu_loops
 from t2x.config import Config, ConfigError, MeshConfig, load_config
 from t2x.data.tokenizer import Tokenizer, from_files
 from t2x.export import Exported, check_shapes, read
@@ -104,6 +105,7 @@ def place(exported: Exported, mesh_cfg: MeshConfig | None = None, devices=None) 
         wanted = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
         devices = jax.local_devices()[: wanted if wanted > 0 else None]
     mesh = make_mesh(mesh_cfg, devices)
+    warn_of_cpu_loops(cfg.model, mesh.size)
     module = task(cfg).model(cfg.model)
     tokenizer = from_files(exported.tokenizer_files, source=f"{exported.source['path']}")
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -91,6 +91,17 @@ def scan_unroll(cfg: ModelConfig, num_layers: int, backend: str | None = None) -
     return num_layers if (backend or jax.default_backend()) == "cpu" else 1
 
 
+def deepest_stack(cfg: ModelConfig) -> int:
+    """Layers of the model's deepest stack of blocks (an encoder-decoder has two)."""
+    return max(cfg.num_layers, cfg.decoder_layers) if cfg.family == "encoder_decoder" else cfg.num_layers
+
+
+def loop_left(cfg: ModelConfig, backend: str | None = None) -> bool:
+    """Whether a stack of ``cfg`` compiles to an XLA while loop on ``backend`` (default
+    JAX's): scanned layers with ``scan_unroll`` short of the deepest stack."""
+    return cfg.scan_layers and scan_unroll(cfg, deepest_stack(cfg), backend) < deepest_stack(cfg)
+
+
 class BlockStack(nn.Module):
     """``num_layers`` blocks (default ``model.num_layers``): one scanned loop (parameters
     stacked on a leading ``layers`` axis, so compile time does not grow with depth;

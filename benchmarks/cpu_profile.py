@@ -20,8 +20,9 @@ Each part also gets the floating-point operations of its matrix products, read f
 compiled HLO (2 x output size x contracted size, batched products included), and so its
 achieved GFLOP/s; for reference, the script measures XLA's float32 matmul peak on this
 machine (a 2048^3 product) in the same process. Forward and backward are told apart by
-``transpose(`` in the op name (JAX's transposition of the forward). Layers must be
-unrolled (``model.scan_layers=false``): a scan's layers run inside an XLA while loop.
+``transpose(`` in the op name (JAX's transposition of the forward). No loop may be left
+in the step: scanned layers are unrolled on a CPU by default (``model.scan_unroll``), or
+set ``model.scan_layers=false``; a loop's kernels are not attributed.
 
     python benchmarks/cpu_profile.py configs/gpt2_small.yaml model.dtype=float32 ... [--steps 3] [--out FILE]
 """
@@ -183,22 +184,31 @@ def attribute(events: list[dict], instructions: dict[str, dict], steps: int) -> 
     return out
 
 
-def profile(cfg, steps: int) -> dict:
-    if cfg.model.scan_layers:
-        raise SystemExit("cpu_profile.py: add model.scan_layers=false: scanned layers run inside an XLA while "
-                         "loop whose kernels this script does not attribute (and unrolled is the faster setting "
-                         "on a CPU)")
-    from t2x.bench import StepBench, matmul_peak_flops
+PRODUCTS = ("mlp", "attention projections", "other model products")  # the parts that are large products
 
-    bench = StepBench(cfg)
-    bench.run(2)
+
+def trace_parts(bench, steps: int) -> dict:
+    """Trace ``steps`` steps of a built ``t2x.bench.StepBench``: their seconds, the parts'
+    shares of them (``attribute``) and the trace's path."""
     step_seconds, path = bench.trace(steps)
     with gzip.open(path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    parts = attribute(events, hlo_instructions(bench.compiled.as_text()), steps)
-    return {"step_seconds": step_seconds, "xla_matmul_peak_tflops": matmul_peak_flops() / 1e12, "parts": parts,
+    return {"step_seconds": step_seconds, "parts": attribute(events, hlo_instructions(bench.compiled.as_text()), steps),
             "trace": path}
+
+
+def profile(cfg, steps: int) -> dict:
+    from t2x.bench import StepBench, matmul_peak_flops
+    from t2x.models.transformer import loop_left
+
+    if loop_left(cfg.model):
+        raise SystemExit(f"cpu_profile.py: model.scan_unroll={cfg.model.scan_unroll} leaves the scanned layers in an "
+                         "XLA while loop, whose kernels this script does not attribute: leave it unset (the whole "
+                         "stack on a CPU) or set model.scan_layers=false")
+    bench = StepBench(cfg)
+    bench.run(2)
+    return {**trace_parts(bench, steps), "xla_matmul_peak_tflops": matmul_peak_flops() / 1e12}
 
 
 def table(result: dict) -> str:

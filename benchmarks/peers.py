@@ -23,6 +23,11 @@ peer reading the same encoder inputs and decoder targets.
 3. **The limit**: this machine's float32 matrix-multiply peak through XLA and through
    PyTorch (best of repeated 2048^3 products), and each one's achieved model FLOP/s
    (``t2x/flops.py``'s count for both) as a fraction of its own library's peak.
+4. With ``--profile``, **the ceiling**: t2x's step traced after the rounds and divided
+   among the parts of the model (``benchmarks/cpu_profile.py``); the large products'
+   time (MLP, attention projections, vocabulary projection) is the least a step could
+   take with XLA's products as they run in it, so the peer's step over it is the ratio
+   t2x would reach were everything else (attention, loss, norms, optimizer) free.
 
 Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
 
@@ -33,6 +38,7 @@ Needs ``torch`` (CPU build: ``pip install torch==2.13.0``) and ``transformers``.
     python benchmarks/peers.py --t2x model.scan_layers=false   # t2x with other settings
     python benchmarks/peers.py --peer-malloc keep    # the peer with t2x's allocator setting
     python benchmarks/peers.py --shapes small --bfloat16 --loss-tolerance 2e-2
+    python benchmarks/peers.py --shapes small --profile   # and the ceiling its products set
 
 t2x's process keeps freed memory for reuse, as ``t2x``'s command line does on a CPU
 (``t2x.hostmem``); the peer runs with glibc's defaults unless ``--peer-malloc keep``.
@@ -59,6 +65,7 @@ from t2x.data.tokenizer import load_tokenizer
 from t2x.hf import bert as hf_bert
 from t2x.hf import decoder as hf_decoder
 from t2x.hf import t5 as hf_t5
+from t2x.models.transformer import loop_left
 from t2x.train.state import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,6 +246,9 @@ def compare(shape: str, args, peaks: dict) -> dict:
     config, overrides = SHAPES[shape]
     cfg = load_config(REPO / "configs" / config, [*overrides, *COMMON, f"model.dtype={args.dtype}", *args.t2x])
     m, batch, seq = cfg.model, cfg.train.global_batch_size, cfg.data.seq_len
+    if args.profile and loop_left(m):
+        raise SystemExit("peers.py --profile: model.scan_unroll leaves the layers in an XLA while loop, whose kernels "
+                         "the profile does not attribute")
     rng = np.random.default_rng(0)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if m.family == "encoder_decoder":
@@ -291,6 +301,8 @@ def compare(shape: str, args, peaks: dict) -> dict:
         worker.join(timeout=60)
     flops = ours.flops_per_step  # the model's FLOPs, for both (the peer's BERT head at every position: more)
     t2x_s, torch_s = statistics.median(ours_times), statistics.median(peer_times)
+    if args.profile:
+        result |= ceiling(ours, t2x_s, torch_s, peaks["xla_matmul_flops"])
     return {**result,
             "t2x_step_seconds": t2x_s, "torch_step_seconds": torch_s,
             "t2x_tokens_per_second": batch * seq / t2x_s, "torch_tokens_per_second": batch * seq / torch_s,
@@ -299,6 +311,26 @@ def compare(shape: str, args, peaks: dict) -> dict:
             "t2x_of_xla_peak": flops / t2x_s / peaks["xla_matmul_flops"],
             "torch_of_torch_peak": flops / torch_s / peaks["torch_matmul_flops"],
             "t2x_compile_seconds": ours.compile_seconds}
+
+
+def ceiling(ours: StepBench, t2x_step_seconds: float, torch_step_seconds: float, xla_peak_flops: float,
+            steps: int = 2) -> dict:
+    """``ours``'s step traced and divided by part (``cpu_profile.trace_parts``); the large
+    products' seconds, their rate against XLA's peak, and the peer's step over them: as
+    traced, and with the products' seconds scaled by the untraced step over the traced one
+    (the tracer's overhead taken off them as off the whole step)."""
+    import cpu_profile
+
+    traced = cpu_profile.trace_parts(ours, steps)
+    parts = traced["parts"]
+    products_s = sum(parts[p]["ms"] for p in cpu_profile.PRODUCTS) / 1e3
+    products_flops = sum(parts[p]["gflop"] for p in cpu_profile.PRODUCTS) * 1e9
+    untraced = min(1.0, t2x_step_seconds / statistics.median(traced["step_seconds"]))
+    return {"t2x_traced_step_seconds": traced["step_seconds"],
+            "t2x_parts_ms": {p: round(v["ms"], 1) for p, v in parts.items()},
+            "t2x_products_seconds": products_s, "t2x_products_of_xla_peak": products_flops / products_s / xla_peak_flops,
+            "ceiling_ratio": torch_step_seconds / products_s,
+            "ceiling_ratio_untraced": torch_step_seconds / (products_s * untraced)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -314,6 +346,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bfloat16", action="store_true",
                         help="t2x with model.dtype=bfloat16, the peer's forward pass under torch.autocast(bfloat16); "
                         "the matmul peaks are then bfloat16's (products accumulated in float32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace t2x's step by part of the model (benchmarks/cpu_profile.py) and print the "
+                        "ratio t2x would reach were everything but its large products free")
     parser.add_argument("--peer-malloc", choices=["system", "keep"], default="system",
                         help="the peer's allocator: glibc as its users get it, or keeping freed memory as t2x does "
                         "(t2x.hostmem)")
@@ -343,6 +378,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{r['torch_tokens_per_second']:,.0f} tok/s, ratio {r['ratio']:.2f}x; t2x at "
                   f"{r['t2x_of_xla_peak']:.0%} of XLA's matmul peak, transformers at {r['torch_of_torch_peak']:.0%} "
                   f"of torch's; loss after {r['loss_steps']} steps {r['loss_t2x']:.4f} vs {r['loss_torch']:.4f}")
+            if "ceiling_ratio" in r:
+                print(f"{'':>10}  t2x's large products alone {r['t2x_products_seconds']:.3f} s a step (at "
+                      f"{r['t2x_products_of_xla_peak']:.0%} of XLA's peak) against transformers' whole step "
+                      f"{r['torch_step_seconds']:.3f} s: ceiling {r['ceiling_ratio']:.2f}x "
+                      f"({r['ceiling_ratio_untraced']:.2f}x with the tracer's overhead taken off)")
     return results
 
 

@@ -53,7 +53,8 @@ def _dims(text: str) -> list[int]:
 
 def hlo_instructions(hlo: str) -> dict[str, dict]:
     """The entry computation's instructions of an HLO module's text: for each, its
-    ``op_name`` (for a fusion holding a product, the product's), whether it is a library
+    ``op_name`` (for a fusion holding a product, the product's; for an instruction XLA
+    left without one, that of its first operand having one), whether it is a library
     product (a ``dot`` at entry level) and the FLOPs of the products in it or in what it
     calls (fusions)."""
     computations: dict[str, list[str]] = {}
@@ -100,7 +101,11 @@ def hlo_instructions(hlo: str) -> dict[str, dict]:
         called = re.findall(r"calls=%([\w.\-]+)", line)
         product_name = next((dot_names[c] for c in called if flops(c) and c in dot_names), None)
         # A fusion holding a product is named by it (its root may be an epilogue's reduce).
-        found[name] = {"op_name": product_name or (op.group(1) if op else ""), "library_dot": bool(_DOT.match(line)),
+        op_name = product_name or (op.group(1) if op else "")
+        if not op_name:  # e.g. the loss's sum of exponentials as a product with ones, left unnamed
+            operands = re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1].split(", metadata=")[0])
+            op_name = next((found[o]["op_name"] for o in operands if found.get(o, {}).get("op_name")), "")
+        found[name] = {"op_name": op_name, "library_dot": bool(_DOT.match(line)),
                        "flops": _dot_flops(line, shapes) + sum(map(flops, called))}
     return found
 

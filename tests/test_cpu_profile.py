@@ -31,6 +31,21 @@ def test_products_flops_are_read_from_the_compiled_hlo():
     assert sum(i["flops"] for i in found.values()) == 2 * 64 * 48 * 80 + 2 * 6 * 16 * 24 * 8
 
 
+def test_an_instruction_left_unnamed_takes_its_operands_name():
+    hlo = """HloModule m
+
+ENTRY %main (p: f32[4,4]) -> f32[4,1] {
+  %p = f32[4,4]{1,0} parameter(0)
+  %ones = f32[4,1]{1,0} constant({ {1}, {1}, {1}, {1} })
+  %e = f32[4,4]{1,0} exponential(%p), metadata={op_name="jit(step)/jvp()/exp"}
+  ROOT %d = f32[4,1]{1,0} dot(%e, %ones), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    found = cpu_profile.hlo_instructions(hlo)
+    assert found["d"] == {"op_name": "jit(step)/jvp()/exp", "library_dot": True, "flops": 2 * 4 * 1 * 4}
+    assert found["p"]["op_name"] == "" and cpu_profile.part_of(found["d"]["op_name"], is_product=True) == "loss"
+
+
 @pytest.mark.parametrize("op_name, part", [
     ("jit(step)/jvp(DecoderLM)/blocks/layers_3/mlp/up/dot_general", "mlp"),
     ("jit(step)/transpose(jvp(DecoderLM))/blocks/layers_0/attn/query/dot_general", "attention projections"),

@@ -57,6 +57,8 @@ def hlo_instructions(hlo: str) -> dict[str, dict]:
     left without one, that of its first operand having one), whether it is a library
     product (a ``dot`` at entry level) and the FLOPs of the products in it or in what it
     calls (fusions)."""
+    from t2x.parallel.collectives import assigned_and_operands  # after hostmem's setting, as JAX
+
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
@@ -103,7 +105,7 @@ def hlo_instructions(hlo: str) -> dict[str, dict]:
         # A fusion holding a product is named by it (its root may be an epilogue's reduce).
         op_name = product_name or (op.group(1) if op else "")
         if not op_name:  # e.g. the loss's sum of exponentials as a product with ones, left unnamed
-            operands = re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1].split(", metadata=")[0])
+            operands = assigned_and_operands(line)[1]
             op_name = next((found[o]["op_name"] for o in operands if found.get(o, {}).get("op_name")), "")
         found[name] = {"op_name": op_name, "library_dot": bool(_DOT.match(line)),
                        "flops": _dot_flops(line, shapes) + sum(map(flops, called))}

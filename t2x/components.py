@@ -74,7 +74,7 @@ def build(cfg: Config, tokenizer_spec: str | None = None, devices=None) -> Compo
         data-parallel devices, or the tokenizer's vocabulary does not fit the model.
     """
     mesh = make_mesh(cfg.mesh, devices)
-    warn_of_cpu_loops(cfg.model, mesh.devices.size)
+    warn_of_cpu_loops(cfg.model, mesh.size)
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch = cfg.train.global_batch_size // cfg.train.grad_accum_steps
     for key, size in (

@@ -99,7 +99,8 @@ def deepest_stack(cfg: ModelConfig) -> int:
 def loop_left(cfg: ModelConfig, backend: str | None = None) -> bool:
     """Whether a stack of ``cfg`` compiles to an XLA while loop on ``backend`` (default
     JAX's): scanned layers with ``scan_unroll`` short of the deepest stack."""
-    return cfg.scan_layers and scan_unroll(cfg, deepest_stack(cfg), backend) < deepest_stack(cfg)
+    layers = deepest_stack(cfg)
+    return cfg.scan_layers and scan_unroll(cfg, layers, backend) < layers
 
 
 class BlockStack(nn.Module):

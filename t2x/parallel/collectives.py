@@ -168,6 +168,16 @@ _ASSIGNED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 
 
+def assigned_and_operands(line: str) -> tuple[str, list[str]] | None:
+    """An HLO instruction line's name and the names it reads (its operands and called
+    computations, before its metadata), or None for a line that assigns nothing."""
+    match = _ASSIGNED.match(line)
+    if not match:
+        return None
+    name = match.group(1)
+    return name, [n for n in _OPERAND.findall(line[match.end():].split(", metadata=")[0]) if n != name]
+
+
 def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
     """Collectives of a scheduled HLO module (``compiled.as_text()``) that XLA:CPU may run
     out of order, as (loop, instruction) pairs: a while loop that runs collectives, and a
@@ -192,11 +202,11 @@ def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
     for lines in computations.values():
         order, operands = [], {}
         for line in lines:
-            match = _ASSIGNED.match(line)
-            if match:
-                name = match.group(1)
+            parsed = assigned_and_operands(line)
+            if parsed:
+                name, reads = parsed
                 order.append((name, line))
-                operands[name] = set(_OPERAND.findall(line[match.end():].split(", metadata=")[0])) - {name}
+                operands[name] = set(reads)
         for i, (loop, line) in enumerate(order):
             if " while(" not in line or not calls_collectives(line):
                 continue
